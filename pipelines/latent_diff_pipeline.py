@@ -1,0 +1,235 @@
+"""LatentDiffPipeline: text-to-image sampling in a VAE's latent space (Rombach et al. 2022).
+
+The on-disk format is diffusers' (model_index.json + one sub-folder per component, weights in
+safetensors), so a folder written here opens in diffusers' StableDiffusionPipeline and an
+SD 1.x/2.x folder opens here. Any scheduler that follows diffusers' contract can sample.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from latentdiff.text import encode_prompts
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class LatentDiffPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Generate images from text with a UNet denoising VAE latents under CLIP text conditioning.
+
+    >>> pipe = LatentDiffPipeline.from_pretrained("out/pipeline")
+    >>> image = pipe("a small red circle in the top left").images[0]
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
+        """Load a local pipeline folder; pickle weights are refused unless ``allow_pickle=True``."""
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model path {str(path)!r} does not exist or is not a folder")
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"{str(path)!r} is not a pipeline folder: it has no model_index.json "
+                "(expected a folder written by save_pretrained)"
+            )
+        if not allow_pickle:
+            _refuse_pickle_only_components(path)
+        kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+        return super().from_pretrained(path, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        cross_attention_kwargs: dict | None = None,
+    ):
+        """Sample images for ``prompt``; with ``guidance_scale`` > 1, classifier-free guidance
+        (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond)."""
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
+        prompts, negative_prompts = self._check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, num_images_per_prompt, output_type
+        )
+        batch_size = len(prompts) * num_images_per_prompt
+        latents_shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if latents is not None and tuple(latents.shape) != latents_shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {latents_shape}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
+
+        device = self._execution_device
+        do_guidance = guidance_scale > 1.0
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds = self._encode(prompts, negative_prompts if do_guidance else None, lora_scale)
+        # each prompt's states repeated for its images; the [uncond; cond] halves stay apart for chunk(2)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)  # (G*B, L, D)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if latents is None:
+            latents = randn_tensor(latents_shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        latents = latents.to(device) * self.scheduler.init_noise_sigma  # (B, C, h, w)
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_guidance else latents  # (G*B, C, h, w)
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=False,
+                )[0]
+                if do_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {"latents": latents})
+                    latents = outputs.get("latents", latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            # the UNet works on latents scaled to unit variance (LDM sec. 4.3.2); undo it before decoding
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return LatentDiffPipelineOutput(images=images)
+
+    def _encode(self, prompts: list[str], negative_prompts: list[str] | None, lora_scale: float | None):
+        """Text-encoder states, negatives first when guiding: (B, L, D) or (2B, L, D)."""
+        texts = prompts if negative_prompts is None else negative_prompts + prompts
+        if lora_scale is not None:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            return encode_prompts(self.tokenizer, self.text_encoder, texts, warn_truncated=True)
+        finally:
+            if lora_scale is not None:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+
+    def _step_kwargs(self, generator, eta: float) -> dict:
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _check_inputs(
+        self, prompt, negative_prompt, height, width, num_inference_steps, num_images_per_prompt, output_type
+    ) -> tuple[list[str], list[str]]:
+        prompts = _as_prompt_list(prompt, "prompt")
+        if negative_prompt is None:
+            negative_prompts = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negative_prompts = [negative_prompt] * len(prompts)
+        else:
+            negative_prompts = _as_prompt_list(negative_prompt, "negative_prompt")
+            if len(negative_prompts) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negative_prompts)} entries but prompt has {len(prompts)}; "
+                    "give one negative prompt per prompt, or a single string for all"
+                )
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+                raise ValueError(
+                    f"{name}={value!r} must be a positive multiple of the VAE's downsampling factor "
+                    f"{self.vae_scale_factor}"
+                )
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} must be between 1 and the scheduler's "
+                f"num_train_timesteps ({num_train_timesteps})"
+            )
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be at least 1")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {', '.join(map(repr, OUTPUT_TYPES))}")
+        return prompts, negative_prompts
+
+
+def _as_prompt_list(prompt, name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name} must be a str or a non-empty list of str, got {type(prompt).__name__}: {prompt!r:.80}")
+
+
+def _refuse_pickle_only_components(path: Path) -> None:
+    """Pickle files can run arbitrary code when loaded: refuse a component that has nothing else."""
+    index = json.loads((path / "model_index.json").read_text())
+    for name, spec in index.items():
+        folder = path / name
+        if name.startswith("_") or not isinstance(spec, list) or not folder.is_dir():
+            continue
+        files = [f.name for f in folder.iterdir()]
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(
+                f"component {name!r} in {str(path)!r} has only pickle weights ({', '.join(sorted(pickles))}); "
+                "loading pickle can run arbitrary code. Convert them to safetensors, or pass "
+                "allow_pickle=True if you trust where they came from."
+            )

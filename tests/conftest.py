@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+# The suite runs on 2 CPU cores; oversubscribing threads makes it slower, not faster.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """A randomly initialised tiny LatentDiffPipeline (16 px images), shared read-only by tests."""
+    from latentdiff import pipeline_from_preset
+
+    pipe = pipeline_from_preset("tiny", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
