@@ -1,0 +1,67 @@
+"""The data flags every training script shares, under diffusers' names."""
+
+from __future__ import annotations
+
+import argparse
+
+from latentdiff.data.files import default_cache_dir
+
+BUILTIN_DATASETS = ("shapes", "emoji")
+# resolution when --resolution is not given: the built-ins' native sizes, diffusers' 512 otherwise
+DEFAULT_RESOLUTION = {"shapes": 32, "emoji": 64}
+USER_DEFAULT_RESOLUTION = 512
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name", type=str, default=None,
+        help="a built-in dataset (shapes, emoji), a local folder or parquet/arrow file, or a name "
+             "datasets.load_dataset accepts (needs network unless already cached). A local folder "
+             "named like a built-in must be given as a path: ./shapes",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None,
+                       help="the configuration of a --dataset_name from the Hub")
+    group.add_argument(
+        "--train_data_dir", type=str, default=None,
+        help="a local folder: images + metadata.jsonl (imagefolder), images + same-named .txt "
+             "captions, or a datasets.save_to_disk folder",
+    )
+    group.add_argument("--image_column", type=str, default="image", help="the column holding the images")
+    group.add_argument(
+        "--caption_column", type=str, default="text",
+        help="the column holding the captions (a caption or a list of them); '' for images without "
+             "captions (VAE training), whose items then have the text ''",
+    )
+    group.add_argument(
+        "--resolution", type=int, default=None,
+        help=f"side of the square training images (default: shapes {DEFAULT_RESOLUTION['shapes']}, "
+             f"emoji {DEFAULT_RESOLUTION['emoji']}, other data {USER_DEFAULT_RESOLUTION})",
+    )
+    crop = group.add_mutually_exclusive_group()
+    crop.add_argument("--center_crop", action="store_true", help="crop the center square (the default)")
+    crop.add_argument("--random_crop", action="store_true", help="crop a square at a random place")
+    group.add_argument(
+        "--random_flip", action="store_true",
+        help="mirror half the images at random (off by default: it swaps 'left' and 'right' in what a "
+             "caption describes)",
+    )
+    group.add_argument("--max_train_samples", type=int, default=None,
+                       help="train on a fixed random subset of this many items")
+    group.add_argument("--min_image_size", type=int, default=0,
+                       help="skip images whose shorter side is below this many pixels")
+    group.add_argument(
+        "--data_cache_dir", type=str, default=None,
+        help=f"where built-in datasets are rendered and latent caches are kept (default: {default_cache_dir()}, "
+             "following $XDG_CACHE_HOME)",
+    )
+    group.add_argument("--dataloader_num_workers", type=int, default=0,
+                       help="data loading processes (0: load in the main process)")
+    return parser
+
+
+def resolution_of(args: argparse.Namespace) -> int:
+    """``--resolution``, or the default for the chosen dataset."""
+    if getattr(args, "resolution", None):
+        return args.resolution
+    return DEFAULT_RESOLUTION.get(getattr(args, "dataset_name", None), USER_DEFAULT_RESOLUTION)

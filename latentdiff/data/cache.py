@@ -1,0 +1,243 @@
+"""Encode a dataset once through the frozen VAE (and frozen text encoder), keep it on disk.
+
+What is cached is the VAE's posterior q(z|x) = N(mean, std^2) per image, not one sample, so a
+training loop still draws a fresh latent each step (LDM, Rombach et al. 2022, sec. 3):
+
+    latent = sample_latent(batch["latent_mean"], batch["latent_std"]) * vae.config.scaling_factor
+
+With a text encoder and tokenizer, every distinct caption's last hidden state is cached too
+(items then carry ``encoder_hidden_states``), and the empty caption's, for classifier-free
+guidance dropout (:attr:`LatentCache.null_encoder_hidden_states`).
+
+A cache lives in ``<cache dir>/latents/<key>/``; the key hashes the dataset's fingerprint
+(source, split, subset, resolution, crop, flip), the VAE's and text encoder's config and
+weights, the tokenizer's vocabulary and the storage dtype, so changing any of them builds a
+new cache and an unchanged run reuses the old one. Files are safetensors (no pickle).
+
+Multi-process runs (accelerate): process r of W encodes the r-th contiguous share of the items
+into ``shard-r-of-W.safetensors`` (written under a temporary name and renamed: never seen half
+written), all wait, the main process writes ``manifest.json`` the same way, all wait, and every
+process loads every shard. The cache directory must be visible to all processes (one machine,
+or a shared file system). A shard left by an interrupted run is complete (renamed only when
+done) and is reused.
+
+Random crops cannot be cached (a cache holds one view per image): ``cache_latents`` refuses
+them. Random flips can: both the image and its mirror are encoded and an item picks one at
+random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from latentdiff.data.dataset import pick_caption
+from latentdiff.data.files import atomic_path, default_cache_dir, digest
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+NULL_CAPTION = ""
+
+
+def sample_latent(latent_mean: torch.Tensor, latent_std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = mean + std * eps, eps ~ N(0, I): the reparameterised VAE posterior sample (Kingma & Welling 2014)."""
+    device = generator.device if generator is not None else latent_mean.device
+    eps = torch.randn(latent_mean.shape, generator=generator, device=device, dtype=latent_mean.dtype)
+    return latent_mean + latent_std * eps.to(latent_mean.device)
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A hash of a model's config (without bookkeeping keys such as its path) and of every weight."""
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    return digest(type(tokenizer).__name__, tokenizer.model_max_length, sorted(tokenizer.get_vocab().items()))
+
+
+class LatentCache(Dataset):
+    """Cached items ``{"latent_mean", "latent_std", "text"[, "encoder_hidden_states"]}``.
+
+    ``latent_mean``/``latent_std``: (C, h, w), unscaled (multiply samples by the VAE's
+    ``scaling_factor``). When images were cached with their mirror, each access picks one of the
+    two at random; with several captions, one at random.
+    """
+
+    def __init__(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, caption_offsets: torch.Tensor,
+                 caption_ids: torch.Tensor, captions: list[str], text_hidden_states: torch.Tensor | None = None,
+                 folder: Path | None = None):
+        self.latent_mean = latent_mean  # (N, V, C, h, w), V views: the image [, its mirror]
+        self.latent_std = latent_std  # (N, V, C, h, w)
+        self.caption_offsets = caption_offsets  # (N + 1,): item i's captions are caption_ids[off[i]:off[i+1]]
+        self.caption_ids = caption_ids  # indices into captions
+        self.captions = captions  # distinct captions; captions[0] is ""
+        self.text_hidden_states = text_hidden_states  # (len(captions), L, D) or None
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return self.latent_mean.shape[0]
+
+    def __getitem__(self, index: int) -> dict:
+        views = self.latent_mean.shape[1]
+        view = int(torch.randint(views, ())) if views > 1 else 0
+        ids = self.caption_ids[self.caption_offsets[index]:self.caption_offsets[index + 1]].tolist()
+        caption_id = ids[0] if len(ids) == 1 else int(pick_caption(ids))
+        item = {
+            "latent_mean": self.latent_mean[index, view],
+            "latent_std": self.latent_std[index, view],
+            "text": self.captions[caption_id],
+        }
+        if self.text_hidden_states is not None:
+            item["encoder_hidden_states"] = self.text_hidden_states[caption_id]  # (L, D)
+        return item
+
+    @property
+    def null_encoder_hidden_states(self) -> torch.Tensor | None:
+        """The empty caption's hidden states (L, D), for classifier-free guidance dropout."""
+        return None if self.text_hidden_states is None else self.text_hidden_states[0]
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> LatentCache:
+        folder = Path(folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        means, stds, offsets, ids, hidden = [], [], [0], [], []
+        captions: list[str] = []  # every shard lists "" first, so captions[0] == ""
+        index: dict[str, int] = {}
+        for shard in manifest["shards"]:
+            tensors = load_file(folder / shard)
+            with safe_open(folder / shard, framework="pt") as f:
+                shard_captions = json.loads(f.metadata()["captions"])
+            remap = []
+            for j, caption in enumerate(shard_captions):
+                if caption not in index:
+                    index[caption] = len(captions)
+                    captions.append(caption)
+                    if "text_hidden_states" in tensors:
+                        hidden.append(tensors["text_hidden_states"][j])
+                remap.append(index[caption])
+            means.append(tensors["latent_mean"])
+            stds.append(tensors["latent_std"])
+            offsets.extend((tensors["caption_offsets"][1:] + offsets[-1]).tolist())
+            ids.append(torch.tensor(remap, dtype=torch.long)[tensors["caption_ids"]])
+        return cls(
+            torch.cat(means), torch.cat(stds), torch.tensor(offsets), torch.cat(ids), captions,
+            torch.stack(hidden) if hidden else None, folder,
+        )
+
+
+def cache_latents(dataset, vae, *, cache_dir: str | os.PathLike | None = None, text_encoder=None, tokenizer=None,
+                  accelerator=None, batch_size: int = 32, dtype: torch.dtype = torch.float32) -> LatentCache:
+    """The :class:`LatentCache` of ``dataset`` under ``vae`` (and ``text_encoder``): loaded from disk
+    when an identical run built it before, encoded and saved now otherwise.
+
+    ``dataset`` is a :class:`~latentdiff.data.dataset.CaptionedImageDataset` (anything with
+    ``fingerprint``, ``random_crop``, ``random_flip``, ``image(i, flip)`` and ``captions(i)``).
+    Under accelerate, call it on every process with the ``accelerator``; each encodes its share.
+    """
+    if getattr(dataset, "fingerprint", None) is None:
+        raise TypeError(f"cannot cache a {type(dataset).__name__}: it has no fingerprint to key the cache by; "
+                        "use a dataset from latentdiff.data.build_dataset")
+    if dataset.random_crop:
+        raise ValueError("cannot cache latents of random crops: every epoch sees another crop and a cache holds "
+                         "one. Drop --random_crop (center crops are cached) or do not cache latents")
+    if (text_encoder is None) != (tokenizer is None):
+        raise ValueError("caching text needs both text_encoder and tokenizer (or neither)")
+    views = 2 if dataset.random_flip else 1
+    key = digest(
+        VERSION, dataset.fingerprint, views, str(dtype), model_digest(vae),
+        None if text_encoder is None else (model_digest(text_encoder), tokenizer_digest(tokenizer)),
+    )
+    folder = Path(cache_dir or default_cache_dir()) / "latents" / key
+    manifest = folder / "manifest.json"
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    shard = f"shard-{rank:05d}-of-{world:05d}.safetensors"
+    if manifest.exists():
+        logger.info("latent cache hit: %s", folder)
+    elif not (folder / shard).exists():
+        start, end = rank * len(dataset) // world, (rank + 1) * len(dataset) // world
+        logger.info("latent cache miss: encoding items %d-%d of %s into %s", start, end, dataset.name, folder / shard)
+        tensors, captions = _encode(dataset, range(start, end), views, vae, text_encoder, tokenizer, batch_size, dtype)
+        with atomic_path(folder / shard) as tmp:
+            save_file(tensors, tmp, metadata={"captions": json.dumps(captions)})
+    # Every process passes both barriers, hit or miss, so that none waits for one that went ahead.
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if rank == 0 and not manifest.exists():
+        shards = [f"shard-{r:05d}-of-{world:05d}.safetensors" for r in range(world)]
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps({"version": VERSION, "items": len(dataset), "views": views, "shards": shards}))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return LatentCache.load(folder)
+
+
+@torch.no_grad()
+def _encode(dataset, positions: range, views: int, vae, text_encoder, tokenizer, batch_size: int, dtype: torch.dtype):
+    """Encode ``dataset[positions]``: latent mean/std of each view, and the distinct captions."""
+    device, vae_dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    means, stds, offsets, caption_ids = [], [], [0], []
+    captions, index = [NULL_CAPTION], {NULL_CAPTION: 0}
+    for first in range(positions.start, positions.stop, batch_size):
+        images, kept = [], []
+        for position in range(first, min(first + batch_size, positions.stop)):
+            try:
+                images.append(torch.stack([dataset.image(position, flip=bool(v)) for v in range(views)]))
+            except Exception as error:  # a file that fails to decode is left out of the cache, as out of training
+                dataset.skipped.add_decode_failure(str(position), error)
+                continue
+            kept.append(position)
+        if not kept:
+            continue
+        pixels = torch.stack(images).flatten(0, 1).to(device, vae_dtype)  # (B * V, 3, R, R)
+        posterior = vae.encode(pixels).latent_dist
+        means.append(posterior.mean.unflatten(0, (len(kept), views)).to("cpu", dtype))  # (B, V, C, h, w)
+        stds.append(posterior.std.unflatten(0, (len(kept), views)).to("cpu", dtype))  # (B, V, C, h, w)
+        for position in kept:
+            for caption in dataset.captions(position):
+                caption_ids.append(index.setdefault(caption, len(index)))
+                if len(index) > len(captions):
+                    captions.append(caption)
+            offsets.append(len(caption_ids))
+    latent_shape = _latent_shape(vae, dataset.resolution)
+    tensors = {
+        "latent_mean": torch.cat(means) if means else torch.empty((0, views, *latent_shape), dtype=dtype),
+        "latent_std": torch.cat(stds) if stds else torch.empty((0, views, *latent_shape), dtype=dtype),
+        "caption_offsets": torch.tensor(offsets, dtype=torch.long),
+        "caption_ids": torch.tensor(caption_ids, dtype=torch.long),
+    }
+    if text_encoder is not None:
+        tensors["text_hidden_states"] = encode_text(captions, text_encoder, tokenizer, batch_size).to(dtype)
+    return tensors, captions
+
+
+def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.config.latent_channels, resolution // factor, resolution // factor
+
+
+@torch.no_grad()
+def encode_text(captions: list[str], text_encoder, tokenizer, batch_size: int = 32) -> torch.Tensor:
+    """The text encoder's last hidden states (N, L, D) for ``captions``, padded to the tokenizer's length."""
+    device = next(text_encoder.parameters()).device
+    hidden = []
+    for first in range(0, len(captions), batch_size):
+        tokens = tokenizer(captions[first:first + batch_size], padding="max_length", truncation=True,
+                           max_length=tokenizer.model_max_length, return_tensors="pt")
+        hidden.append(text_encoder(tokens.input_ids.to(device))[0].cpu())  # (B, L, D)
+    return torch.cat(hidden)

@@ -1,0 +1,195 @@
+"""The dataset every loader returns: items ``{"pixel_values": (3, R, R) in [-1, 1], "text": str}``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from latentdiff.data.files import digest
+from latentdiff.data.transforms import open_image, preprocess
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_PATHS = 5
+_reported: set[str] = set()  # reports already given in this process (train and validation share a folder)
+# A decode failure falls back to the next item; this many failures in a row means the data
+# itself is broken, which is worth stopping for.
+MAX_FALLBACKS = 100
+
+
+class SkipLog:
+    """Items left out of a dataset (bad files, missing captions), counted by reason.
+
+    Problems found while indexing are reported once, in one warning with the count and the
+    first few paths; ones found while decoding (a truncated JPEG passes the header check) are
+    logged for the first few per process and then only counted.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.entries: list[tuple[str, str, str]] = []  # (path, reason, detail)
+        self._decode_failures = 0
+
+    def add(self, path: str, reason: str, detail: str = "") -> None:
+        self.entries.append((str(path), reason, detail))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def counts(self) -> Counter:
+        """How many items were skipped for each reason."""
+        return Counter(reason for _, reason, _ in self.entries)
+
+    def report(self) -> None:
+        key = digest(self.name, self.entries)
+        if not self.entries or key in _reported:
+            return
+        _reported.add(key)
+        kinds = ", ".join(f"{n} {reason}" for reason, n in self.counts().most_common())
+        first = "; ".join(f"{path}: {reason}{f' ({detail})' if detail else ''}"
+                          for path, reason, detail in self.entries[:MAX_REPORTED_PATHS])
+        more = f" (and {len(self.entries) - MAX_REPORTED_PATHS} more)" if len(self.entries) > MAX_REPORTED_PATHS else ""
+        logger.warning("%s: skipped %d items (%s). First: %s%s", self.name, len(self.entries), kinds, first, more)
+
+    def add_decode_failure(self, path: str, error: BaseException) -> None:
+        reason = "too small" if isinstance(error, ImageTooSmall) else "failed to decode"
+        self.add(path, reason, f"{type(error).__name__}: {error}")
+        self._decode_failures += 1
+        if self._decode_failures <= MAX_REPORTED_PATHS:
+            tail = "; later decode failures are counted silently" if self._decode_failures == MAX_REPORTED_PATHS else ""
+            logger.warning("%s: skipped %s (%s: %s), using another item%s", self.name, path, reason, error, tail)
+
+
+class ImageTooSmall(ValueError):
+    """An image below ``--min_image_size``, found only when decoded (sources without an index)."""
+
+
+class CaptionedImageDataset(Dataset):
+    """Images with one or more captions each; one caption is drawn at random on every access.
+
+    Subclasses implement ``_row_image(row, flip)`` and ``_row_captions(row)``; this class maps
+    positions to rows so that any dataset can be narrowed (hold-out, ``--max_train_samples``)
+    without copying data, and keeps a ``fingerprint`` that identifies exactly what it yields
+    (source, split, subset, resolution, crop), which keys the latent cache.
+    """
+
+    def __init__(self, *, name: str, num_rows: int, resolution: int, fingerprint: str,
+                 random_crop: bool = False, random_flip: bool = False):
+        self.name = name
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.fingerprint = digest(fingerprint, resolution, random_crop, random_flip)
+        self.skipped = SkipLog(name)
+        self._rows = np.arange(num_rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int) -> dict:
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        return {"pixel_values": self.image(index, flip=flip), "text": pick_caption(self.captions(index))}
+
+    def image(self, index: int, flip: bool = False) -> torch.Tensor:
+        """The (3, R, R) pixels of item ``index``; the same every time unless ``random_crop``."""
+        return self._row_image(int(self._rows[index]), flip)
+
+    def captions(self, index: int) -> list[str]:
+        return self._row_captions(int(self._rows[index]))
+
+    def subset(self, positions: Sequence[int] | np.ndarray) -> CaptionedImageDataset:
+        """A view of the items at ``positions`` (no data copied)."""
+        view = copy.copy(self)
+        view._rows = self._rows[np.asarray(positions, dtype=np.int64)]
+        view.fingerprint = digest(self.fingerprint, "subset", digest(view._rows.tobytes()))
+        return view
+
+    def _row_image(self, row: int, flip: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _row_captions(self, row: int) -> list[str]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} items, {self.resolution} px)"
+
+
+def pick_caption(captions: Sequence[str]) -> str:
+    """One caption at random (torch's RNG, which DataLoader seeds per worker)."""
+    if len(captions) == 1:
+        return captions[0]
+    return captions[int(torch.randint(len(captions), ()))]
+
+
+class ImageCaptionDataset(CaptionedImageDataset):
+    """User data: images decoded lazily, one per access, from paths, bytes or ``datasets`` cells.
+
+    An image that fails to decode (or turns out smaller than ``min_image_size``) is counted in
+    ``skipped`` and replaced by the next good item, so a run never stops on one bad file.
+    """
+
+    def __init__(self, images: Sequence, captions: list[list[str]], *, name: str, resolution: int,
+                 fingerprint: str, root: str | None = None, min_image_size: int = 0,
+                 random_crop: bool = False, random_flip: bool = False, skipped: SkipLog | None = None):
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
+        super().__init__(name=name, num_rows=len(images), resolution=resolution, fingerprint=fingerprint,
+                         random_crop=random_crop, random_flip=random_flip)
+        self.images = images
+        self.row_captions = captions
+        self.root = root
+        self.min_image_size = min_image_size
+        if skipped is not None:
+            self.skipped = skipped
+        self._bad_rows: set[int] = set()
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(min(len(self), MAX_FALLBACKS)):
+            position = (index + attempt) % len(self)
+            row = int(self._rows[position])
+            if row in self._bad_rows:
+                continue
+            try:
+                return super().__getitem__(position)
+            except Exception as error:  # any decoder error (OSError, ValueError, SyntaxError, ...)
+                self._bad_rows.add(row)
+                self.skipped.add_decode_failure(self._describe(row), error)
+        raise RuntimeError(
+            f"{self.name}: {MAX_FALLBACKS} items in a row from index {index} failed to decode; "
+            f"the data looks broken (first failures: {self.skipped.entries[:MAX_REPORTED_PATHS]})"
+        )
+
+    def _row_image(self, row: int, flip: bool) -> torch.Tensor:
+        image = open_image(self.images[row], root=self.root, draft_size=max(self.resolution, self.min_image_size))
+        if min(image.size) < self.min_image_size:
+            raise ImageTooSmall(f"{image.size[0]}x{image.size[1]} is below --min_image_size {self.min_image_size}")
+        return preprocess(image, self.resolution, self.random_crop, flip)
+
+    def _row_captions(self, row: int) -> list[str]:
+        return self.row_captions[row]
+
+    def _describe(self, row: int) -> str:
+        source = self.images[row]
+        if isinstance(source, dict):
+            source = source.get("path") or "<bytes>"
+        return source if isinstance(source, str) else f"{self.name}[{row}]"
+
+
+class ColumnView:
+    """One column of a ``datasets.Dataset``, read a row at a time (keeps decoding lazy)."""
+
+    def __init__(self, table, column: str):
+        self.table = table.select_columns([column])
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row: int):
+        return self.table[row][self.column]

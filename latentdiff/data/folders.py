@@ -1,0 +1,188 @@
+"""Index a folder of images with captions, checking every image's header once up front.
+
+Two conventions:
+
+- diffusers' imagefolder: images plus ``metadata.jsonl`` (or ``metadata.csv``) whose rows name
+  an image in ``file_name`` (relative to the metadata file's folder) and give its caption in
+  ``text`` (or the column ``--caption_column`` names); a caption may be a list of captions.
+- sd-scripts: ``photo.png`` beside ``photo.txt`` (or ``photo.caption``); each non-empty line of
+  the caption file is one caption.
+
+Sub-folders are searched; hidden files and folders are not. Images that cannot be opened or
+verified, are smaller than ``min_image_size``, or have no caption are left out and counted in
+the index's ``skipped`` (reported once by the caller). Nothing is decoded here but headers, so
+indexing is cheap; a file that passes the header check and still fails to decode (a truncated
+JPEG) is caught when it is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from latentdiff.data.dataset import SkipLog
+from latentdiff.data.files import digest
+
+IMAGE_EXTENSIONS = frozenset(
+    ".png .jpg .jpeg .jpe .jfif .webp .bmp .gif .tif .tiff .ppm .pgm .pbm .pnm .tga".split()
+)
+CAPTION_EXTENSIONS = (".txt", ".caption")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGE_COLUMN = "image"
+TEXT_COLUMN = "text"
+
+
+@dataclass
+class FolderIndex:
+    root: Path
+    kind: str  # "imagefolder" or "captioned images"
+    paths: list[str]  # absolute
+    captions: list[list[str]]
+    skipped: SkipLog
+    fingerprint: str
+
+
+def walk(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted, hidden ones (and those in hidden folders) left out."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(folder) / f for f in sorted(files) if not f.startswith("."))
+    return found
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def has_metadata(root: Path) -> bool:
+    return any(path.name in METADATA_FILES for path in walk(root))
+
+
+def as_captions(value) -> list[str]:
+    """A caption cell (str, list of str, None, ...) as a list of non-empty captions."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    if isinstance(value, (list, tuple)):
+        return [c for item in value for c in as_captions(item)]
+    return [str(value)]
+
+
+def check_image(path: Path, min_image_size: int = 0) -> tuple[str, str] | None:
+    """``None`` for an image that opens and verifies, else ``(reason, detail)``. Headers only:
+    ``verify`` checks a PNG's chunk checksums but does not decode pixels."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file", ""
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return "unreadable image", f"{type(error).__name__}: {error}"
+    if min(size) < min_image_size:
+        return "too small", f"{size[0]}x{size[1]} < --min_image_size {min_image_size}"
+    return None
+
+
+def _check_all(paths: list[Path], min_image_size: int) -> list[tuple[str, str] | None]:
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        return list(pool.map(lambda p: check_image(p, min_image_size), paths))
+
+
+def _read_metadata(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from error
+    return rows
+
+
+def _check_columns(root: Path, kind: str, columns: list[str], image_column: str, caption_column: str | None) -> None:
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column and column not in columns:
+            raise ValueError(
+                f"{flag} {column!r} is not a column of {root} ({kind}); its columns are: {', '.join(columns)}"
+            )
+
+
+def index_imagefolder(root: Path, image_column: str = IMAGE_COLUMN, caption_column: str | None = TEXT_COLUMN,
+                      min_image_size: int = 0) -> FolderIndex:
+    """Index a diffusers imagefolder (images + metadata.jsonl/.csv with ``file_name``)."""
+    files = walk(root)
+    entries: dict[Path, list] = {}
+    columns = [IMAGE_COLUMN]
+    skipped = SkipLog(str(root))
+    for metadata in (f for f in files if f.name in METADATA_FILES):
+        for row in _read_metadata(metadata):
+            if "file_name" not in row:
+                raise ValueError(f"{metadata}: a row without 'file_name' (it has {', '.join(row)})")
+            columns.extend(c for c in row if c not in columns)
+            entries.setdefault((metadata.parent / row["file_name"]).resolve(), []).append(row)
+    _check_columns(root, "imagefolder", columns, image_column, caption_column)
+
+    images = [f.resolve() for f in files if is_image_file(f)]
+    listed = [p for p in images if p in entries]
+    for path in images:
+        if path not in entries:
+            skipped.add(str(path), "not in metadata")
+    for path in entries:
+        if not path.exists():
+            skipped.add(str(path), "listed in metadata but missing")
+    pairs = [(path, row) for path in listed for row in entries[path]]
+    return _finish(root, "imagefolder", pairs, lambda row: row.get(caption_column), caption_column,
+                   min_image_size, skipped)
+
+
+def index_captioned_images(root: Path, image_column: str = IMAGE_COLUMN, caption_column: str | None = TEXT_COLUMN,
+                           min_image_size: int = 0) -> FolderIndex:
+    """Index images with same-named ``.txt`` (or ``.caption``) captions (the sd-scripts convention)."""
+    _check_columns(root, "images with .txt captions", [IMAGE_COLUMN, TEXT_COLUMN], image_column, caption_column)
+
+    def read_caption(path: Path) -> list[str] | None:
+        for extension in CAPTION_EXTENSIONS:
+            caption_file = path.with_suffix(extension)
+            if caption_file.is_file():
+                text = caption_file.read_text(encoding="utf-8", errors="replace")
+                return [line.strip() for line in text.splitlines() if line.strip()]
+        return None
+
+    pairs = [(path, path) for path in walk(root) if is_image_file(path)]
+    return _finish(root, "captioned images", pairs, read_caption, caption_column, min_image_size, SkipLog(str(root)))
+
+
+def _finish(root, kind, pairs, get_caption, caption_column, min_image_size, skipped) -> FolderIndex:
+    paths, captions, stats = [], [], []
+    problems = _check_all([path for path, _ in pairs], min_image_size)
+    for (path, source), problem in zip(pairs, problems, strict=True):
+        if problem is not None:
+            skipped.add(str(path), *problem)
+            continue
+        if caption_column:
+            value = get_caption(source)
+            texts = as_captions(value)
+            if not texts:
+                skipped.add(str(path), "no caption" if value is None else "empty caption")
+                continue
+        else:
+            texts = [""]
+        stat = path.stat()
+        paths.append(str(path))
+        captions.append(texts)
+        stats.append((os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns))
+    fingerprint = digest(kind, str(Path(root).resolve()), stats, captions, min_image_size)
+    return FolderIndex(Path(root), kind, paths, captions, skipped, fingerprint)
