@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Before torch loads OpenMP: spinning threads wait for a core that another process holds, which made
+# elementwise ops 50-100x slower on a busy 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The suite runs on 2 CPU cores; oversubscribing threads makes it slower, not faster.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -39,8 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from latentdiff.data.dataset import pick_caption
+from latentdiff.data.dataset import EpochSeeded, pick_caption
 from latentdiff.data.files import atomic_path, default_cache_dir, digest
+from latentdiff.text import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def tokenizer_digest(tokenizer) -> str:
     return digest(type(tokenizer).__name__, tokenizer.model_max_length, sorted(tokenizer.get_vocab().items()))
 
 
-class LatentCache(Dataset):
+class LatentCache(EpochSeeded, Dataset):
     """Cached items ``{"latent_mean", "latent_std", "text"[, "encoder_hidden_states"]}``.
 
     ``latent_mean``/``latent_std``: (C, h, w), unscaled (multiply samples by the VAE's
@@ -94,10 +95,11 @@ class LatentCache(Dataset):
         return self.latent_mean.shape[0]
 
     def __getitem__(self, index: int) -> dict:
+        generator = self.item_generator(index)
         views = self.latent_mean.shape[1]
-        view = int(torch.randint(views, ())) if views > 1 else 0
+        view = int(torch.randint(views, (), generator=generator)) if views > 1 else 0
         ids = self.caption_ids[self.caption_offsets[index]:self.caption_offsets[index + 1]].tolist()
-        caption_id = ids[0] if len(ids) == 1 else int(pick_caption(ids))
+        caption_id = int(pick_caption(ids, generator))
         item = {
             "latent_mean": self.latent_mean[index, view],
             "latent_std": self.latent_std[index, view],
@@ -184,7 +186,9 @@ def cache_latents(dataset, vae, *, cache_dir: str | os.PathLike | None = None, t
             tmp.write_text(json.dumps({"version": VERSION, "items": len(dataset), "views": views, "shards": shards}))
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return LatentCache.load(folder)
+    cache = LatentCache.load(folder)
+    cache.seed = dataset.seed
+    return cache
 
 
 @torch.no_grad()
@@ -234,10 +238,6 @@ def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
 @torch.no_grad()
 def encode_text(captions: list[str], text_encoder, tokenizer, batch_size: int = 32) -> torch.Tensor:
     """The text encoder's last hidden states (N, L, D) for ``captions``, padded to the tokenizer's length."""
-    device = next(text_encoder.parameters()).device
-    hidden = []
-    for first in range(0, len(captions), batch_size):
-        tokens = tokenizer(captions[first:first + batch_size], padding="max_length", truncation=True,
-                           max_length=tokenizer.model_max_length, return_tensors="pt")
-        hidden.append(text_encoder(tokens.input_ids.to(device))[0].cpu())  # (B, L, D)
+    hidden = [encode_prompts(tokenizer, text_encoder, captions[first:first + batch_size]).cpu()  # (B, L, D)
+              for first in range(0, len(captions), batch_size)]
     return torch.cat(hidden)

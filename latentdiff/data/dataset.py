@@ -70,7 +70,26 @@ class ImageTooSmall(ValueError):
     """An image below ``--min_image_size``, found only when decoded (sources without an index)."""
 
 
-class CaptionedImageDataset(Dataset):
+class EpochSeeded:
+    """Per-item randomness (caption, flip, crop) that is a function of (seed, epoch, index) alone.
+
+    A DataLoader prefetches ahead of the step, resumes mid-epoch and spreads items over workers;
+    drawing from a global RNG would make what an item yields depend on all of that and break exact
+    resume. Training loops call ``set_epoch`` at the start of every epoch.
+    """
+
+    seed = 0
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def item_generator(self, index: int) -> torch.Generator:
+        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED salts only str/bytes)
+        return torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
+
+
+class CaptionedImageDataset(EpochSeeded, Dataset):
     """Images with one or more captions each; one caption is drawn at random on every access.
 
     Subclasses implement ``_row_image(row, flip)`` and ``_row_captions(row)``; this class maps
@@ -93,12 +112,16 @@ class CaptionedImageDataset(Dataset):
         return len(self._rows)
 
     def __getitem__(self, index: int) -> dict:
-        flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        return {"pixel_values": self.image(index, flip=flip), "text": pick_caption(self.captions(index))}
+        generator = self.item_generator(index)
+        flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        return {
+            "pixel_values": self.image(index, flip=flip, generator=generator),
+            "text": pick_caption(self.captions(index), generator),
+        }
 
-    def image(self, index: int, flip: bool = False) -> torch.Tensor:
+    def image(self, index: int, flip: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """The (3, R, R) pixels of item ``index``; the same every time unless ``random_crop``."""
-        return self._row_image(int(self._rows[index]), flip)
+        return self._row_image(int(self._rows[index]), flip, generator)
 
     def captions(self, index: int) -> list[str]:
         return self._row_captions(int(self._rows[index]))
@@ -110,7 +133,7 @@ class CaptionedImageDataset(Dataset):
         view.fingerprint = digest(self.fingerprint, "subset", digest(view._rows.tobytes()))
         return view
 
-    def _row_image(self, row: int, flip: bool) -> torch.Tensor:
+    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def _row_captions(self, row: int) -> list[str]:
@@ -120,11 +143,11 @@ class CaptionedImageDataset(Dataset):
         return f"{type(self).__name__}({self.name!r}, {len(self)} items, {self.resolution} px)"
 
 
-def pick_caption(captions: Sequence[str]) -> str:
-    """One caption at random (torch's RNG, which DataLoader seeds per worker)."""
+def pick_caption(captions: Sequence, generator: torch.Generator | None = None):
+    """One caption at random."""
     if len(captions) == 1:
         return captions[0]
-    return captions[int(torch.randint(len(captions), ()))]
+    return captions[int(torch.randint(len(captions), (), generator=generator))]
 
 
 class ImageCaptionDataset(CaptionedImageDataset):
@@ -165,11 +188,11 @@ class ImageCaptionDataset(CaptionedImageDataset):
             f"the data looks broken (first failures: {self.skipped.entries[:MAX_REPORTED_PATHS]})"
         )
 
-    def _row_image(self, row: int, flip: bool) -> torch.Tensor:
+    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         image = open_image(self.images[row], root=self.root, draft_size=max(self.resolution, self.min_image_size))
         if min(image.size) < self.min_image_size:
             raise ImageTooSmall(f"{image.size[0]}x{image.size[1]} is below --min_image_size {self.min_image_size}")
-        return preprocess(image, self.resolution, self.random_crop, flip)
+        return preprocess(image, self.resolution, self.random_crop, flip, generator)
 
     def _row_captions(self, row: int) -> list[str]:
         return self.row_captions[row]

@@ -153,7 +153,7 @@ class EmojiDataset(CaptionedImageDataset):
                          random_flip=random_flip)
         self._rows = np.flatnonzero(held_out if split == "validation" else ~held_out)
 
-    def _row_image(self, row: int, flip: bool) -> torch.Tensor:
+    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         pixels = self.images[row]  # (R, R, 3)
         if flip:
             pixels = pixels[:, ::-1]

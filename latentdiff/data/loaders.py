@@ -88,6 +88,7 @@ def build_dataset(args: argparse.Namespace, split: str = "train") -> CaptionedIm
     dataset.skipped.report()
     if len(dataset) == 0:
         raise ValueError(_nothing_left(dataset))
+    dataset.seed = _arg(args, "seed", 0)
     logger.info("%s: %d items at %d px", dataset.name, len(dataset), dataset.resolution)
     return dataset
 

@@ -182,7 +182,7 @@ class ShapesDataset(CaptionedImageDataset):
             size = tuple(SIZES)[(row // len(self._combinations)) % len(SIZES)]
         return dict(color=color, shape=shape, size=size, position=position), rng
 
-    def _row_image(self, row: int, flip: bool) -> torch.Tensor:
+    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         attributes, rng = self._row_attributes(row)
         pixels = to_tensor(render_shape(**attributes, resolution=self.resolution, rng=rng))  # (3, R, R)
         return pixels.flip(-1) if flip else pixels
