@@ -1,0 +1,138 @@
+"""Checkpoints in Accelerate's format, written atomically, pruned safely, resumed exactly.
+
+Layout: `output_dir/checkpoints/checkpoint-{step}/` holds what `accelerator.save_state` writes
+(models, optimizers, LR schedulers, objects registered with `register_for_checkpointing` such as
+the EMA, RNG states) plus `latentdiff_state.json` ({"global_step": step}). A checkpoint is written
+into `.tmp-checkpoint-{step}` and renamed when complete, so a kill during a save leaves a `.tmp-*`
+folder that is never taken for a checkpoint (and is removed by the next save), never a broken one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "latentdiff_state.json"
+TMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under output_dir/checkpoints, oldest step first (`.tmp-*` folders are ignored)."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(output_dir: str | Path, name_or_path: str) -> Path | None:
+    """A --resume_from_checkpoint value as a folder: the path itself, else a name under output_dir/checkpoints."""
+    for path in (Path(name_or_path), Path(output_dir) / CHECKPOINTS_DIR / name_or_path):
+        if path.is_dir():
+            return path
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int) -> Path:
+    """Save the full training state as checkpoint-{step}, atomically; prune to the project's total_limit.
+
+    Every process must call this (save_state gathers sharded state). The limit is
+    `accelerator.project_configuration.total_limit` (`make_accelerator` sets it from
+    --checkpoints_total_limit); the checkpoint just written is never pruned.
+    """
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    tmp, final = root / f"{TMP_PREFIX}checkpoint-{step}", root / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(f"{TMP_PREFIX}*"):  # from a run killed during a save
+            shutil.rmtree(leftover)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}))
+        if final.exists():  # the same step saved again (e.g. a resumed run): swap, keeping a complete one on disk
+            old = root / f"{TMP_PREFIX}old-checkpoint-{step}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _prune(root.parent, accelerator.project_configuration.total_limit, keep=final)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(output_dir: Path, total_limit: int | None, keep: Path) -> None:
+    if not total_limit:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        if path != keep:
+            shutil.rmtree(path)
+            logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
+
+
+def resolve_resume(args) -> Path | None:
+    """The checkpoint to resume from: None (no flag, or "latest" with none saved yet), or an existing folder."""
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        if not checkpoints:
+            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", args.output_dir)
+            return None
+        return checkpoints[-1]
+    path = find_checkpoint(args.output_dir, value)
+    if path is None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} does not exist; give a checkpoint folder or 'latest'")
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> int:
+    """Restore everything save_checkpoint saved (models, optimizers, schedulers, EMA, RNG); return the global step."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if state_file.is_file():
+        step = json.loads(state_file.read_text())["global_step"]
+    elif m := _NAME.match(path.name):
+        step = int(m.group(1))
+    else:
+        raise ValueError(f"{str(path)!r} is not a checkpoint: it has no {STATE_FILE} and is not named checkpoint-<step>")
+    accelerator.load_state(str(path))
+    logger.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def batches_to_skip(global_step: int, gradient_accumulation_steps: int, num_batches: int) -> tuple[int, int]:
+    """(epoch, batches of that epoch already consumed) after `global_step` optimizer steps.
+
+    Accelerate syncs gradients every `gradient_accumulation_steps` batches and at the end of each
+    epoch, so an epoch of `num_batches` batches holds ceil(num_batches / accumulation) optimizer steps.
+    """
+    steps_per_epoch = math.ceil(num_batches / gradient_accumulation_steps)
+    epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+    return epoch, step_in_epoch * gradient_accumulation_steps
+
+
+def set_epoch(dataloader, epoch: int) -> None:
+    """Seed epoch ``epoch``: its order (the sampler) and its per-item draws (captions, flips, crops).
+
+    accelerate forwards ``set_epoch`` to the sampler only, so the dataset is told here; both are
+    functions of (seed, epoch), which is what makes a resumed epoch yield what an unbroken one would.
+    """
+    dataloader.set_epoch(epoch)
+    if hasattr(dataloader.dataset, "set_epoch"):
+        dataloader.dataset.set_epoch(epoch)
