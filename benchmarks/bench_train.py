@@ -1,0 +1,194 @@
+"""Training throughput: train_ldm's step on cached latents against a loop that encodes every batch.
+
+The reference loop is the one of diffusers' examples/text_to_image/train_text_to_image.py: each step
+decodes the images, encodes them with the frozen VAE and the captions with the frozen text encoder,
+then trains the UNet. train_ldm with --cache_latents encodes the dataset once (VAE posterior mean and
+std, text states) and each step only samples z = mean + std * eps. Same models, data, batch and UNet
+initialisation; the two loops alternate step by step in one process, so drift in machine load hits
+both alike, and the median step time of each is compared. The one-off cost of building the cache is
+reported too, with the number of steps after which it has paid for itself.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_train.py --preset small --resolution 32 --batch 32 --steps 10
+
+(OMP_WAIT_POLICY=PASSIVE: on a machine shared with other jobs, spinning OpenMP threads slow steps down
+many times over, and unevenly.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.data import ShapesDataset, build_dataloader, cache_latents
+from latentdiff.presets import (
+    load_tokenizer,
+    sd_scheduler,
+    text_encoder_from_preset,
+    unet_from_preset,
+    vae_from_preset,
+)
+from latentdiff.schedulers import DDPMScheduler
+from latentdiff.training.args import add_common_args
+from latentdiff.training.diffusion_loss import diffusion_loss
+from latentdiff.training.run import make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_train_ldm():
+    """training/train_ldm.py as a module (training/ is not a package), for its step's helpers."""
+    spec = importlib.util.spec_from_file_location("train_ldm", ROOT / "training" / "train_ldm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small", help="the size of the UNet, VAE and text encoder")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=256, help="dataset size (shapes)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each loop")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each loop first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results/train.json")
+    args = parser.parse_args()
+    train_ldm = load_train_ldm()
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    vae = vae_from_preset(args.preset).requires_grad_(False).eval().to(device)
+    text_encoder = text_encoder_from_preset(args.preset).requires_grad_(False).eval().to(device)
+    tokenizer = load_tokenizer()
+    unet = unet_from_preset(args.preset).to(device)
+    noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)  # SD's training schedule
+    dataset = ShapesDataset(resolution=args.resolution).subset(range(args.samples))
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        cached = cache_latents(
+            dataset, vae, cache_dir=cache_dir, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        cache_seconds = time.perf_counter() - start
+    empty_states = cached.null_encoder_hidden_states[None].to(device)  # (1, L, D)
+
+    def cached_step(unet, optimizer, batch, generator):
+        """The body of train_ldm's loop with --cache_latents and a frozen text encoder."""
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        latents = train_ldm.latents_from_batch(batch, vae, generator)  # (B, C, h, w)
+        states = train_ldm.text_states_from_batch(
+            batch, tokenizer, text_encoder, empty_states, 0.1, generator, False
+        )
+        loss = diffusion_loss(lambda x, t, c: unet(x, t, encoder_hidden_states=c, return_dict=False)[0],
+                              latents, states, noise_scheduler, generator=generator)  # fmt: skip
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def reference_step(unet, optimizer, batch, generator):
+        """diffusers' train_text_to_image: encode the batch with the VAE and the text encoder, every step."""
+        with torch.no_grad():
+            latents = (
+                vae.encode(batch["pixel_values"].to(device)).latent_dist.sample() * vae.config.scaling_factor
+            )
+            captions = ["" if torch.rand(()) < 0.1 else c for c in batch["text"]]
+            input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                                  truncation=True, return_tensors="pt").input_ids  # fmt: skip
+            encoder_hidden_states = text_encoder(input_ids.to(device), return_dict=False)[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
+        )
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # train_ldm's optimizer is the shared machinery's (make_optimizer); diffusers' script uses plain AdamW
+    common = add_common_args(argparse.ArgumentParser()).parse_args(
+        ["--output_dir", "-", "--learning_rate", "1e-4"]
+    )
+    loops = {
+        "reference (encode each batch)": (reference_step, dataset, lambda p: torch.optim.AdamW(p, lr=1e-4)),
+        "train_ldm --cache_latents": (cached_step, cached, lambda p: make_optimizer(common, p)),
+    }
+    state = {}
+    for name, (step, data, optimizer) in loops.items():
+        model = copy.deepcopy(unet).train()
+        loader = build_dataloader(data, args.batch, seed=0, drop_last=True)
+        state[name] = (step, model, optimizer(model.parameters()), iter_forever(loader))
+    times = {name: [] for name in loops}
+    for i in range(args.warmup + args.steps):
+        for name, (step, model, optimizer, batches) in state.items():
+            generator = torch.Generator(device).manual_seed(i)
+            sync(device)
+            start = time.perf_counter()
+            step(model, optimizer, next(batches), generator)
+            sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    images_per_s = {name: args.batch / s for name, s in median.items()}
+    reference, ours = (median[name] for name in loops)
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
+        "command": f"python benchmarks/bench_train.py --preset {args.preset} --resolution {args.resolution} "
+        f"--batch {args.batch} --samples {args.samples} --steps {args.steps} --warmup {args.warmup}",
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "median_step_s": median,
+        "images_per_s": images_per_s,
+        "all_step_s": times,
+        "speedup": reference / ours,
+        "cache_build_s": cache_seconds,
+        "cache_pays_off_after_steps": cache_seconds / max(reference - ours, 1e-9),
+    }
+    print(
+        f"{'loop':<32} {'median step s':>13} {'images/s':>9}   ({args.preset} preset, {args.resolution} px, "
+        f"batch {args.batch}, {args.steps} alternating steps, {args.device})"
+    )
+    for name in loops:
+        print(f"{name:<32} {median[name]:>13.3f} {images_per_s[name]:>9.1f}")
+    print(
+        f"speedup: {result['speedup']:.2f}x; building the cache of {args.samples} images took {cache_seconds:.1f} s "
+        f"(paid back after {result['cache_pays_off_after_steps']:.0f} steps)"
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def iter_forever(loader):
+    while True:
+        yield from loader
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The denoising objective of a diffusion model, with the network passed in as a callable (as DiT does).
+
+The network never sees the noise schedule: `diffusion_loss` draws t and eps, builds x_t with the
+scheduler's forward process, asks `model_fn(x_t, t, cond)` for its prediction and compares it with the
+target of the scheduler's `prediction_type`. Everything is computed in float32 whatever precision the
+model ran in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.schedulers.schedule import PREDICTION_TYPES
+
+
+def sample_timesteps(
+    batch_size: int, num_train_timesteps: int, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """t ~ Uniform{0, ..., T-1}, one per sample (Ho et al. 2020 Alg. 1 line 3), (B,)."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator)
+
+
+def sample_noise(
+    x0: torch.Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """eps ~ N(0, I) shaped like x0; with `noise_offset` > 0, plus offset * N(0, 1) per sample and channel
+    (Guttenberg 2023, "Diffusion with offset noise"), so the model learns to shift a whole image's mean."""
+    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    if noise_offset:
+        offset = torch.randn(
+            (*x0.shape[:2], *[1] * (x0.ndim - 2)), device=x0.device, dtype=x0.dtype, generator=generator
+        )
+        noise = noise + noise_offset * offset  # (B, C, 1, 1) broadcast over the pixels
+    return noise
+
+
+def training_target(
+    scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the network learns to output for the scheduler's `prediction_type`: eps (Ho et al. eq. 14),
+    x_0 ("sample"), or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022 §4)."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    raise ValueError(
+        f"prediction_type={prediction_type!r} is not one of {', '.join(map(repr, PREDICTION_TYPES))}"
+    )
+
+
+def min_snr_weights(snr: torch.Tensor, snr_gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights, (B,) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR ...").
+
+    The weight min(SNR, gamma) is for an x_0 loss; an eps loss equals SNR times an x_0 loss, and a v loss
+    (SNR + 1) times, so those divide by SNR and SNR + 1. At SNR = 0 (the last step of a zero-terminal-SNR
+    schedule, Lin et al. 2024) the eps weight takes its limit 1 instead of 0 / 0.
+    """
+    snr = snr.float()
+    clipped = torch.clamp(snr, max=snr_gamma)  # min(SNR, gamma)
+    if prediction_type == "epsilon":
+        return torch.where(
+            snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr)
+        )
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    raise ValueError(
+        f"prediction_type={prediction_type!r} is not one of {', '.join(map(repr, PREDICTION_TYPES))}"
+    )
+
+
+def diffusion_loss(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor],
+    x0: torch.Tensor,
+    cond,
+    scheduler,
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The simple loss E_{t, eps} || target - model_fn(x_t, t, cond) ||^2 (Ho et al. 2020 eq. 14), a scalar.
+
+    x0 (B, C, H, W) is the clean sample (scaled VAE latents for LDM); `cond` is passed to `model_fn` as
+    is (the text encoder's states). `noise` and `timesteps` are drawn when not given (from `generator`,
+    else the global RNG, so a restored RNG state replays them). With `snr_gamma` each sample's mean squared
+    error is weighted by `min_snr_weights`; the batch mean is returned.
+    """
+    x0 = x0.float()
+    if timesteps is None:
+        timesteps = sample_timesteps(x0.shape[0], scheduler.config.num_train_timesteps, x0.device, generator)
+    if noise is None:
+        noise = sample_noise(x0, noise_offset, generator)
+    elif noise_offset:
+        raise ValueError(
+            "noise_offset applies to the noise diffusion_loss draws; add it to the given noise instead"
+        )
+    noise = noise.float()
+    x_t = scheduler.add_noise(x0, noise, timesteps)  # Ho et al. eq. 4
+    target = training_target(scheduler, x0, noise, timesteps)
+
+    model_pred = model_fn(x_t, timesteps, cond)
+    if model_pred.shape != target.shape:
+        raise ValueError(
+            f"model_fn returned shape {tuple(model_pred.shape)}; the target has {tuple(target.shape)}"
+        )
+    mse = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=tuple(range(1, x0.ndim)))  # (B,)
+    if snr_gamma is not None:
+        weights = min_snr_weights(
+            scheduler.snr(timesteps).to(x0.device), snr_gamma, scheduler.config.prediction_type
+        )
+        mse = mse * weights
+    return mse.mean()
+
+
+def caption_dropout_mask(
+    batch_size: int, proportion: float, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """True for each sample whose caption is dropped, with probability `proportion`, (B,) bool.
+
+    Training on an empty caption part of the time teaches the unconditional model used by classifier-free
+    guidance (Ho & Salimans 2022 Alg. 1, p_uncond; 10% in Stable Diffusion)."""
+    if not 0.0 <= proportion <= 1.0:
+        raise ValueError(f"the proportion of empty prompts must be in [0, 1], got {proportion}")
+    if device is None and generator is not None:
+        device = generator.device
+    return torch.rand(batch_size, device=device, generator=generator) < proportion
+
+
+def drop_captions(
+    captions: list[str], proportion: float, generator: torch.Generator | None = None
+) -> list[str]:
+    """Replace each caption by "" with probability `proportion`, before tokenising (caption_dropout_mask)."""
+    dropped = caption_dropout_mask(len(captions), proportion, generator=generator).tolist()
+    return ["" if drop else caption for caption, drop in zip(captions, dropped, strict=True)]
+
+
+def drop_text_states(
+    encoder_hidden_states: torch.Tensor,
+    empty_states: torch.Tensor,
+    proportion: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The same dropout on cached text-encoder states (B, L, D): dropped rows become the states of ""."""
+    drop = caption_dropout_mask(
+        encoder_hidden_states.shape[0], proportion, encoder_hidden_states.device, generator
+    )
+    return torch.where(drop[:, None, None], empty_states.to(encoder_hidden_states), encoder_hidden_states)

@@ -1,0 +1,341 @@
+"""training/train_ldm.py end to end on tiny models and 32 px shapes: output, exact resume, two processes, bad input."""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from latentdiff import LatentDiffPipeline, vae_from_preset
+from latentdiff.schedulers import DDPMScheduler
+from latentdiff.training.validation import sampling_scheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "train_ldm.py"
+# One thread, as in this process (see one_thread): bit-exact results need the same reduction order, and
+# OpenMP threads that spin while waiting slow a step down 50x when another process holds a core.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread; and OpenMP threads that spin while another process
+    holds a core make every op many times slower (seen here: 50x) on this shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def train_ldm():
+    spec = importlib.util.spec_from_file_location("train_ldm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A tiny VAE folder (f = 2, 4 latent channels) and a data cache shared by the module's runs."""
+    root = tmp_path_factory.mktemp("ldm")
+    torch.manual_seed(0)
+    vae_from_preset("tiny").save_pretrained(root / "vae")
+    return root
+
+
+def flags(shared, out, *extra, samples=8):
+    return [
+        "--output_dir", str(out), "--dataset_name", "shapes", "--max_train_samples", str(samples),
+        "--data_cache_dir", str(shared / "cache"), "--pretrained_vae_name_or_path", str(shared / "vae"),
+        "--unet_preset", "tiny", "--train_batch_size", "2", "--report_to", "none", *extra,
+    ]  # fmt: skip
+
+
+def run(train_ldm, argv):
+    """main() in this process (no interpreter start-up), with accelerate's singletons fresh for each run."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return train_ldm.main([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def weights(folder):
+    """Every tensor of a checkpoint's models, by file and name."""
+    return {
+        (f.name, k): v
+        for f in sorted(Path(folder).glob("model*.safetensors"))
+        for k, v in load_file(f).items()
+    }
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} of {len(wa)} tensors differ, e.g. {different[:3]}"
+
+
+def test_end_to_end_writes_a_pipeline_that_loads_and_generates(train_ldm, shared, tmp_path):
+    out = tmp_path / "run"
+    argv = flags(
+        shared, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 2,
+        "--validation_prompts", "a small red circle in the top left", "a large blue square at the bottom",
+        "--num_validation_images", 2, "--validation_inference_steps", 2, "--cache_latents", "--use_ema",
+        "--prediction_type", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", 5, "--noise_offset", 0.05,
+        "--gradient_checkpointing", "--report_to", "tensorboard",
+    )  # fmt: skip
+    pipeline_dir = run(train_ldm, argv)
+
+    assert pipeline_dir == out / "pipeline"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    grids = sorted((out / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
+    from PIL import Image
+
+    assert Image.open(grids[-1]).size == (2 + 2 * 34, 2 + 2 * 34)  # 2 prompts x 2 images of 32 px, 2 px gaps
+    # a complete safetensors pipeline whose sampler is the training schedule
+    assert not list(pipeline_dir.rglob("*.bin")) and len(list(pipeline_dir.rglob("*.safetensors"))) == 3
+    scheduler = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["rescale_betas_zero_snr"] and scheduler["timestep_spacing"] == "trailing"
+
+    # with --use_ema the exported UNet holds the averaged weights, not the last trained ones
+    exported = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
+    assert exported.config.sample_size == 16  # 32 px / f = 2: the pipeline's default size is the training one
+    ema = torch.load(out / "checkpoints" / "checkpoint-4" / "custom_checkpoint_0.pkl", weights_only=False)
+    for param, shadow in zip(exported.parameters(), ema["shadow_params"], strict=True):
+        torch.testing.assert_close(param.data, shadow, rtol=0, atol=0)
+    trained = load_file(out / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(trained[k], v) for k, v in exported.state_dict().items())
+
+    pipe = LatentDiffPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a small red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images  # fmt: skip
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_sampling_scheduler_is_the_training_schedule():
+    train = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="sample"
+    )
+    sampler = sampling_scheduler(train)
+    torch.testing.assert_close(sampler.alphas_cumprod, train.alphas_cumprod, rtol=0, atol=0)
+    assert sampler.config.prediction_type == "sample" and sampler.config.timestep_spacing == "leading"
+    assert not sampler.config.clip_sample  # latents are not bounded to [-1, 1]
+
+
+def test_continue_from_a_pipeline_folder_keeps_the_pretrained_text_encoder(train_ldm, shared, tmp_path):
+    first = run(
+        train_ldm, flags(shared, tmp_path / "a", "--max_train_steps", 1, "--prediction_type", "sample")
+    )
+    second = run(
+        train_ldm,
+        [
+            "--output_dir",
+            tmp_path / "b",
+            "--dataset_name",
+            "shapes",
+            "--max_train_samples",
+            8,
+            "--data_cache_dir",
+            shared / "cache",
+            "--train_batch_size",
+            2,
+            "--report_to",
+            "none",
+            "--pretrained_model_name_or_path",
+            first,
+            "--max_train_steps",
+            1,
+            "--cache_latents",
+        ],
+    )
+    for part, changed in (
+        ("text_encoder/model.safetensors", False),
+        ("unet/diffusion_pytorch_model.safetensors", True),
+    ):
+        a, b = load_file(first / part), load_file(second / part)
+        assert any(not torch.equal(a[k], b[k]) for k in a) == changed, part
+    config = json.loads((second / "scheduler" / "scheduler_config.json").read_text())
+    assert (
+        config["prediction_type"] == "sample"
+    )  # the pipeline's own, unless --prediction_type says otherwise
+
+
+def test_exact_resume_after_kill(train_ldm, shared, tmp_path):
+    """6 steps in one go == 6 steps killed (SIGKILL) after the checkpoint at step 2 and resumed: same weights."""
+    common = (
+        "--max_train_steps",
+        6,
+        "--checkpointing_steps",
+        2,
+        "--gradient_accumulation_steps",
+        2,
+        "--use_ema",
+    )
+    run(train_ldm, flags(shared, tmp_path / "one_go", *common, samples=10))
+
+    killed = tmp_path / "killed"
+    argv = [str(a) for a in flags(shared, killed, *common, samples=10)]
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *argv],
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "checkpoint-2").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint-2 after 120 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert not (killed / "pipeline").exists(), "the run finished before it was killed"
+
+    run(train_ldm, [*argv, "--resume_from_checkpoint", "latest"])
+    assert_same_weights(
+        tmp_path / "one_go" / "checkpoints" / "checkpoint-6", killed / "checkpoints" / "checkpoint-6"
+    )
+    ema = [torch.load(p / "checkpoints" / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=False)
+           for p in (tmp_path / "one_go", killed)]  # fmt: skip
+    assert ema[0]["optimization_step"] == ema[1]["optimization_step"] == 6
+    for a, b in zip(ema[0]["shadow_params"], ema[1]["shadow_params"], strict=True):
+        assert torch.equal(a, b)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_one_model(shared, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): both train, replicas agree, the step count is the
+    optimizer's, and files are written once. (`--cpu --num_processes 2` starts one process only: accelerate's
+    CPU launcher needs mpirun; torchrun with ACCELERATE_USE_CPU gives the gloo process group.)"""
+    out = tmp_path / "run"
+    steps = 3
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(SCRIPT),
+        *map(str, flags(shared, out, "--max_train_steps", steps, "--checkpointing_steps", steps,
+                        "--gradient_accumulation_steps", 2, "--cache_latents", samples=16)),
+    ]  # fmt: skip
+    env = {**SUBPROCESS_ENV, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+
+    assert "processes: 2 -> 8 images per optimizer step" in log
+    ends = dict(re.findall(r"process (\d) of 2: step 3, 0 batches skipped, weights checksum (\S+)", log))
+    assert set(ends) == {"0", "1"} and ends["0"] == ends["1"], log[-4000:]
+
+    checkpoint = out / "checkpoints" / f"checkpoint-{steps}"
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {steps}  # AdamW stepped once per step
+    lr_scheduler = torch.load(checkpoint / "scheduler.bin", weights_only=False)
+    assert lr_scheduler["last_epoch"] == steps * 2  # accelerate steps it num_processes times per step
+    # one copy of everything, written by the main process; RNG states are per process by design
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "latentdiff_run.json", "pipeline"]
+    assert sorted(p.name for p in checkpoint.iterdir() if p.name.startswith("random_states")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]  # fmt: skip
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [checkpoint.name]
+    assert (
+        len(list((shared / "cache" / "latents").rglob("shard-*-of-00002.safetensors"))) == 2
+    )  # each encoded half
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_non_finite_loss_stops_before_a_checkpoint_or_is_skipped(
+    train_ldm, shared, tmp_path, monkeypatch, policy
+):
+    calls = []
+    loss_fn = train_ldm.diffusion_loss
+
+    def nan_at_second_batch(*args, **kwargs):
+        calls.append(1)
+        loss = loss_fn(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_at_second_batch)
+    out = tmp_path / "run"
+    argv = flags(shared, out, "--max_train_steps", 3, "--checkpointing_steps", 1, "--nan_policy", policy)
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match="not finite .* at step 2"):
+            run(train_ldm, argv)
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-1"]
+    else:
+        run(train_ldm, argv)
+        assert (out / "pipeline" / "model_index.json").is_file()
+        assert all(torch.isfinite(t).all() for t in weights(out / "checkpoints" / "checkpoint-3").values())
+
+
+@pytest.fixture(scope="module")
+def vae8(shared):
+    path = shared / "vae8"
+    vae_from_preset("tiny", latent_channels=8).save_pretrained(path)
+    return path
+
+
+BAD_INPUT = [
+    (["--unet_preset", "huge"], r"--unet_preset 'huge' is unknown; choose one of 'tiny', 'small', 'base', 'sd15'"),
+    (["--text_encoder_preset", "huge"], r"--text_encoder_preset 'huge' is unknown; choose one of 'tiny'"),
+    (["--text_encoder_preset", "small"],
+     r"the text encoder's hidden size is 128 but the UNet's cross_attention_dim is 32"),
+    (["VAE8"], r"the VAE has 8 latent channels but the UNet takes 4 and predicts 4"),
+    (["--validation_prompts"], r"--validation_prompts was given without any prompt"),
+    (["--resolution", "33"], r"--resolution 33 is not a multiple of the VAE's downsampling factor 2"),
+    (["--mixed_precision", "fp16"], r"--mixed_precision fp16 needs a CUDA GPU"),
+    (["NO_VAE"], r"needs a trained autoencoder: give --pretrained_vae_name_or_path"),
+    (["--rescale_betas_zero_snr"], r"--rescale_betas_zero_snr .* add --prediction_type v_prediction"),
+    (["--proportion_empty_prompts", "1.5"], r"--proportion_empty_prompts must lie in \[0, 1\], got 1.5"),
+    (["--pretrained_model_name_or_path", "nowhere"], r"'nowhere' is not a pipeline folder"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m[:40] for _, m in BAD_INPUT])
+def test_bad_input_fails_before_training(train_ldm, shared, vae8, tmp_path, extra, message):
+    if torch.cuda.is_available() and "fp16" in extra:
+        pytest.skip("fp16 is allowed with a GPU")
+    argv = flags(shared, tmp_path / "run", "--max_train_steps", 1)
+    if extra == ["VAE8"]:
+        argv[argv.index("--pretrained_vae_name_or_path") + 1], extra = vae8, []
+    if extra == ["NO_VAE"]:
+        i = argv.index("--pretrained_vae_name_or_path")
+        del argv[i : i + 2]
+        extra = []
+    if "--pretrained_model_name_or_path" in extra:
+        i = argv.index("--unet_preset")
+        del argv[i : i + 2]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(train_ldm, [*argv, *extra])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")
+def test_xformers_flag_without_xformers_is_a_clear_error(train_ldm, shared, tmp_path):
+    argv = flags(
+        shared, tmp_path / "run", "--max_train_steps", 1, "--enable_xformers_memory_efficient_attention"
+    )
+    with pytest.raises(ValueError, match="needs the xformers package"):
+        run(train_ldm, argv)
