@@ -1,0 +1,329 @@
+"""LoRA: adapter sizes, frozen base weights, diffusers' file format (our pipeline and StableDiffusionPipeline),
+scale, fuse/unfuse, a loader that refuses weights matching no layer, and training/finetune_lora.py end to end.
+
+(The full fine-tune, train_ldm.py --pretrained_model_name_or_path, is tested in test_train_ldm.py.)
+"""
+
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from latentdiff import LatentDiffPipeline, pipeline_from_preset
+from latentdiff.training.lora import (
+    LORA_WEIGHT_NAME,
+    TEXT_ENCODER_TARGET_MODULES,
+    UNET_TARGET_MODULES,
+    add_lora,
+    load_lora,
+    save_lora,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training" / "finetune_lora.py"
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 160, 30), "yellow": (230, 200, 20)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and spinning OpenMP threads slow a shared machine down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny random pipeline folder: 16 px images, 8x8 latents."""
+    path = tmp_path_factory.mktemp("base") / "pipeline"
+    pipeline_from_preset("tiny", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Four 16 px images of colored squares with .txt captions."""
+    path = tmp_path_factory.mktemp("images")
+    for i, (name, color) in enumerate(COLORS.items()):
+        pixels = np.full((16, 16, 3), 255, np.uint8)
+        pixels[4:12, 4:12] = color
+        Image.fromarray(pixels).save(path / f"{i}.png")
+        (path / f"{i}.txt").write_text(f"a {name} square in sks style\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def finetune_lora():
+    spec = importlib.util.spec_from_file_location("finetune_lora", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script, argv):
+    """main() in this process, with accelerate's singletons fresh for each run."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return script.main([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def flags(base_dir, image_dir, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", base_dir, "--train_data_dir", image_dir, "--output_dir", out,
+        "--train_batch_size", 2, "--report_to", "none", "--learning_rate", 1e-2, *extra,
+    ]  # fmt: skip
+
+
+def load(path):
+    pipe = LatentDiffPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, **kwargs):
+    return pipe(
+        ["a red square", "a blue square"], num_inference_steps=3, guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0), output_type="np", **kwargs,
+    ).images  # fmt: skip
+
+
+def targeted_linears(model, targets):
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    }  # fmt: skip
+
+
+def randomize_adapters(*models, seed=0):
+    """B starts at zero (the adapters do nothing yet): give it values, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    for model in models:
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data = 0.3 * torch.randn(param.shape, generator=generator)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_adapters_train_rank_times_in_plus_out_per_targeted_layer(base_dir, rank):
+    pipe = load(base_dir)
+    for model, targets in (
+        (pipe.unet, UNET_TARGET_MODULES),
+        (pipe.text_encoder, TEXT_ENCODER_TARGET_MODULES),
+    ):
+        linears = targeted_linears(model, targets)
+        # the UNet: 4 transformers x 2 attention layers; the text encoder: 2 layers
+        assert len(linears) == (32 if targets == UNET_TARGET_MODULES else 8)
+        expected = sum(rank * (m.in_features + m.out_features) for m in linears.values())
+        assert add_lora(model, targets, rank) == expected
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+        assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+
+
+def test_saved_adapters_give_the_same_images_here_and_in_diffusers(base_dir, tmp_path):
+    trained = load(base_dir)
+    add_lora(trained.unet, UNET_TARGET_MODULES, rank=2, alpha=4.0)  # alpha / rank = 2: the file must keep it
+    add_lora(trained.text_encoder, TEXT_ENCODER_TARGET_MODULES, rank=2, alpha=4.0)
+    randomize_adapters(trained.unet, trained.text_encoder)
+    expected, base = generate(trained), generate(load(base_dir))
+    assert np.abs(expected - base).max() > 1e-2  # the adapters change the images
+
+    path = save_lora(tmp_path / "lora", trained.unet, trained.text_encoder)
+    assert path == tmp_path / "lora" / LORA_WEIGHT_NAME
+    weights = load_file(path)
+    assert {k.split(".")[0] for k in weights} == {"unet", "text_encoder"}  # diffusers' prefixes
+    assert len(weights) == 2 * (32 + 8)  # an A and a B per adapted layer
+
+    ours = load(base_dir)
+    name = load_lora(ours, tmp_path / "lora")
+    assert np.abs(generate(ours) - expected).max() <= 1e-4
+    theirs = StableDiffusionPipeline.from_pretrained(base_dir)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(tmp_path / "lora")
+    assert np.abs(generate(theirs) - expected).max() <= 1e-4
+
+    # the scale: 0 is the base model; set_adapters and cross_attention_kwargs agree
+    assert np.abs(generate(ours, cross_attention_kwargs={"scale": 0.0}) - base).max() <= 1e-4
+    half = generate(ours, cross_attention_kwargs={"scale": 0.5})
+    assert np.abs(half - base).max() > 1e-3 and np.abs(half - expected).max() > 1e-3
+    ours.set_adapters([name], adapter_weights=[0.5])
+    assert np.abs(generate(ours) - half).max() <= 1e-4
+    ours.set_adapters([name], adapter_weights=[1.0])
+
+    # fuse the update into the weights and take it out again
+    base_weights = {k: v.clone() for k, v in ours.unet.state_dict().items() if "lora" not in k}
+    ours.fuse_lora()
+    assert np.abs(generate(ours) - expected).max() <= 1e-4
+    ours.unfuse_lora()
+    for key, value in ours.unet.state_dict().items():
+        if "lora" not in key:
+            torch.testing.assert_close(value, base_weights[key], rtol=0, atol=1e-6)
+    assert np.abs(generate(ours) - expected).max() <= 1e-4
+    ours.unload_lora_weights()
+    assert np.abs(generate(ours) - base).max() <= 1e-4
+
+
+def test_weights_that_match_no_layer_are_refused_not_dropped(base_dir, tmp_path):
+    trained = load(base_dir)
+    add_lora(trained.unet, UNET_TARGET_MODULES, rank=2)
+    randomize_adapters(trained.unet)
+    save_lora(tmp_path / "good", trained.unet)
+    weights = load_file(tmp_path / "good" / LORA_WEIGHT_NAME)
+    (tmp_path / "other").mkdir()
+    # a LoRA for a model whose query projections are named differently
+    renamed = {k.replace(".to_q.", ".query."): v for k, v in weights.items()}
+    save_file(renamed, tmp_path / "other" / LORA_WEIGHT_NAME)
+
+    # diffusers loads the rest, logs a warning, and goes on without the unmatched weights
+    theirs = load(base_dir)
+    theirs.load_lora_weights(tmp_path / "other")
+    assert len(theirs.get_list_adapters()["unet"]) == 1
+
+    ours = load(base_dir)
+    with pytest.raises(
+        ValueError,
+        match=r"16 of 64 LoRA weights match no layer of this pipeline, e\.g\. 'unet\..*"
+        r"attn1\.query\.lora\.down\.weight' \(no layer '.*attn1\.query' in its 'unet'\)",
+    ):
+        load_lora(ours, tmp_path / "other")
+    assert not ours.get_list_adapters()  # nothing was loaded
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_lora(ours, tmp_path / "missing")
+    load_lora(ours, tmp_path / "good" / LORA_WEIGHT_NAME)  # the file itself is fine too
+
+
+def test_finetune_lora_end_to_end(finetune_lora, base_dir, image_dir, tmp_path, monkeypatch):
+    exported = {}
+    save = finetune_lora.save_lora
+
+    def keep_models(path, unet, text_encoder=None):
+        exported.update(unet=unet, text_encoder=text_encoder)
+        return save(path, unet, text_encoder)
+
+    monkeypatch.setattr(finetune_lora, "save_lora", keep_models)
+    out = tmp_path / "run"
+    argv = flags(
+        base_dir, image_dir, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--rank", 2,
+        "--lora_alpha", 4, "--train_text_encoder", "--gradient_checkpointing", "--validation_prompts", "a red square",
+        "--validation_steps", 2, "--num_validation_images", 2, "--validation_inference_steps", 2,
+    )  # fmt: skip
+    lora_dir = run(finetune_lora, argv)
+
+    assert lora_dir == out / "lora" and (lora_dir / LORA_WEIGHT_NAME).is_file()
+    assert [g.name for g in sorted((out / "validation").glob("*.png"))] == [
+        "step-000002.png",
+        "step-000004.png",
+    ]
+    # checkpoints hold the adapters, not the models: a fraction of the UNet's size
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    assert not list(checkpoint.glob("model*")) and (checkpoint / LORA_WEIGHT_NAME).is_file()
+    unet_bytes = (base_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert sum(f.stat().st_size for f in checkpoint.iterdir()) < unet_bytes / 5
+
+    # the pretrained weights are frozen, bit for bit; the adapters trained
+    for component in ("unet", "text_encoder"):
+        model = exported[component]
+        base = {k: v for f in (base_dir / component).glob("*.safetensors") for k, v in load_file(f).items()}
+        frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora_" not in n}
+        assert frozen.keys() == base.keys()
+        assert all(torch.equal(p.data, base[n]) for n, p in frozen.items()), component
+        assert all(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n), component
+
+    pipe = load(base_dir)
+    before = generate(pipe)
+    load_lora(pipe, lora_dir)
+    assert np.abs(generate(pipe) - before).max() > 1e-3
+
+
+def test_resume_gives_the_same_adapters_as_one_run(finetune_lora, base_dir, image_dir, tmp_path):
+    """4 steps in one go == 2 steps, then a resumed run to 4: same adapters, optimizer and EMA to the bit."""
+    common = ("--checkpointing_steps", 2, "--train_text_encoder", "--use_ema", "--gradient_accumulation_steps", 2)  # fmt: skip
+    run(finetune_lora, flags(base_dir, image_dir, tmp_path / "one_go", "--max_train_steps", 4, *common))
+    split = tmp_path / "split"
+    run(finetune_lora, flags(base_dir, image_dir, split, "--max_train_steps", 2, *common))
+    run(finetune_lora, flags(base_dir, image_dir, split, "--max_train_steps", 4, "--resume_from_checkpoint", "latest",
+                             *common))  # fmt: skip
+
+    a, b = (p / "checkpoints" / "checkpoint-4" for p in (tmp_path / "one_go", split))
+    wa, wb = load_file(a / LORA_WEIGHT_NAME), load_file(b / LORA_WEIGHT_NAME)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    halfway = load_file(b.parent / "checkpoint-2" / LORA_WEIGHT_NAME)
+    assert not all(torch.equal(wa[k], v) for k, v in halfway.items())
+    oa, ob = (torch.load(c / "optimizer.bin", weights_only=False)["state"] for c in (a, b))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[i][n], ob[i][n]) for i in oa for n in oa[i])
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):  # the EMA of each model's adapters
+        ea, eb = (torch.load(c / name, weights_only=False) for c in (a, b))
+        assert ea["optimization_step"] == eb["optimization_step"] == 4
+        assert all(torch.equal(x, y) for x, y in zip(ea["shadow_params"], eb["shadow_params"], strict=True))
+
+
+def test_mixed_precision_holds_the_frozen_unet_in_half_and_the_adapters_in_fp32(
+    finetune_lora, base_dir, image_dir, tmp_path, monkeypatch
+):
+    exported = {}
+    monkeypatch.setattr(finetune_lora, "save_lora", lambda path, unet, te=None: exported.update(unet=unet))
+    run(finetune_lora, flags(base_dir, image_dir, tmp_path / "run", "--max_train_steps", 1, "--mixed_precision",
+                             "bf16", "--cache_latents", "--data_cache_dir", tmp_path / "cache"))  # fmt: skip
+    dtypes = {("lora_" in n, p.dtype) for n, p in exported["unet"].named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+
+
+BAD_INPUT = [
+    (["--pretrained_model_name_or_path", "IMAGES"], r"is not a pipeline folder \(no model_index.json\)"),
+    (["--rank", "0"], r"--rank must be a positive integer, got 0"),
+    (["--lora_alpha", "0"], r"--lora_alpha must be > 0, got 0.0"),
+    (["--lora_dropout", "1"], r"--lora_dropout must lie in \[0, 1\), got 1.0"),
+    (["--proportion_empty_prompts", "2"], r"--proportion_empty_prompts must lie in \[0, 1\], got 2.0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m[:30] for _, m in BAD_INPUT])
+def test_bad_input_fails_before_training(finetune_lora, base_dir, image_dir, tmp_path, extra, message):
+    extra = [str(image_dir) if e == "IMAGES" else e for e in extra]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(finetune_lora, [*flags(base_dir, image_dir, tmp_path / "run", "--max_train_steps", 1), *extra])
+    assert not (tmp_path / "run").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_one_set_of_adapters(base_dir, image_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo, as in test_train_ldm.py): the replicas' adapters agree
+    to the bit, and the checkpoint holds one LoRA file, written once."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
+        "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
+        *flags(base_dir, image_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2, "--train_text_encoder"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "processes: 2 -> 4 images per optimizer step" in log
+    ends = dict(re.findall(r"process (\d) of 2: step 2, 0 batches skipped, weights checksum (\S+)", log))
+    assert set(ends) == {"0", "1"} and ends["0"] == ends["1"], log[-4000:]
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.iterdir() if "random_states" not in p.name) == [
+        "latentdiff_state.json", "optimizer.bin", LORA_WEIGHT_NAME, "scheduler.bin"]  # fmt: skip
+    assert (out / "lora" / LORA_WEIGHT_NAME).is_file()
