@@ -1,4 +1,4 @@
-"""The ``latentdiff`` command: ``demo``, ``generate`` and ``info``.
+"""The ``latentdiff`` command: ``demo``, ``generate``, ``eval`` and ``info``.
 
 Errors a user can fix (a wrong path, a bad option) end in one line on stderr and exit status 2.
 """
@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
-DEMO_PROMPTS = (
-    "a small red circle in the top left",
-    "a large blue square in the center",
-    "a small green triangle in the bottom right",
-    "a large yellow circle on the left",
-)
+DEMO_VAE_STEPS = 1500
+DEMO_LDM_STEPS = 1500
+DEMO_TRAIN_SAMPLES = 8000
 
 
 class UsageError(Exception):
@@ -34,11 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description="Latent diffusion: train, sample, inspect.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    demo = verbs.add_parser("demo", help="build the tiny preset pipeline and write a sample grid")
-    demo.add_argument("--output_dir", default="out/demo", help="where the pipeline folder and the grid go")
-    demo.add_argument("--preset", default="tiny", help="model size preset (tiny, small, base, sd15)")
-    demo.add_argument("--steps", type=positive_int, default=10, help="denoising steps")
-    demo.add_argument("--seeds", type=positive_int, default=4, help="columns of the grid (one seed each)")
+    demo = verbs.add_parser("demo", help="train a VAE and a text-to-image model on a built-in dataset, then sample")
+    demo.add_argument("--output_dir", default="out/demo", help="VAE, pipeline, grid.png and metrics.json go here")
+    demo.add_argument("--dataset", choices=("shapes", "emoji"), default="shapes")
+    demo.add_argument("--resolution", type=positive_int, default=None, help="default: 32 (shapes), 64 (emoji)")
+    demo.add_argument("--preset", default=None, help="model size preset for both models (default: small)")
+    demo.add_argument("--vae_steps", type=positive_int, default=DEMO_VAE_STEPS, help="VAE optimizer steps")
+    demo.add_argument("--max_train_steps", type=positive_int, default=DEMO_LDM_STEPS,
+                      help="text-to-image optimizer steps")
+    demo.add_argument("--max_train_samples", type=positive_int, default=DEMO_TRAIN_SAMPLES,
+                      help="training images drawn from the dataset (each is encoded once for the latent cache)")
+    demo.add_argument("--seeds", type=positive_int, default=6, help="columns of the sample grid")
+    demo.add_argument("--steps", type=positive_int, default=25, help="DDIM steps when sampling")
+    demo.add_argument("--guidance", type=float, default=7.5)
+    demo.add_argument("--seed", type=int, default=0)
 
     generate = verbs.add_parser("generate", help="generate images from a pipeline folder")
     generate.add_argument("model_dir", help="a pipeline folder (model_index.json + components)")
@@ -52,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=positive_int, default=None)
     generate.add_argument("--width", type=positive_int, default=None)
     generate.add_argument("--out", default="latentdiff.png", help="PNG path: one image, or a grid when -n > 1")
+
+    evaluate = verbs.add_parser("eval", help="measure prompt adherence of a pipeline (shapes analyzer)")
+    evaluate.add_argument("model_dir")
+    evaluate.add_argument("--dataset", default="shapes", help="shapes (emoji and folders: not yet)")
+    evaluate.add_argument("--num_prompts", type=positive_int, default=36)
+    evaluate.add_argument("--images_per_prompt", type=positive_int, default=2)
+    evaluate.add_argument("--steps", type=positive_int, default=25)
+    evaluate.add_argument("--guidance", type=float, default=7.5)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     info = verbs.add_parser("info", help="describe a pipeline folder")
     info.add_argument("model_dir")
@@ -82,25 +99,34 @@ def make_scheduler(name: str, config):
 
 
 def run_demo(args) -> None:
-    import torch
+    from latentdiff.demo import run_demo as demo
 
-    from latentdiff import pipeline_from_preset
-    from latentdiff.images import image_grid, save_png
+    try:
+        demo(args)
+    except subprocess.CalledProcessError as error:
+        raise UsageError(f"a training stage failed (exit status {error.returncode}); see its output above") from error
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = pipeline_from_preset(args.preset)
-    pipe.save_pretrained(out / "pipeline")
-    generators = [torch.Generator().manual_seed(s) for _ in DEMO_PROMPTS for s in range(args.seeds)]
-    images = pipe(
-        [p for p in DEMO_PROMPTS for _ in range(args.seeds)],
-        num_inference_steps=args.steps,
-        generator=generators,
-    ).images
-    grid = save_png(image_grid(images, ncols=args.seeds), out / "grid.png", {"prompts": json.dumps(DEMO_PROMPTS)})
-    print(f"wrote {out / 'pipeline'} (randomly initialised {args.preset!r} preset: untrained, the grid is noise)")
-    print(f"wrote {grid} (rows: prompts, columns: seeds 0..{args.seeds - 1})")
-    print(f"next: latentdiff generate {out / 'pipeline'} \"a red circle\" --out {out / 'red_circle.png'}")
+
+def run_eval(args) -> None:
+    from latentdiff.evaluation import shapes_adherence
+
+    if args.dataset != "shapes":
+        raise UsageError(f"--dataset {args.dataset}: only the shapes adherence evaluation exists so far")
+    pipe = load_pipeline(args.model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    results = {
+        split: shapes_adherence(pipe, split, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
+                                **settings)
+        for split in ("train", "held_out")
+    }
+    print(f"{'split':<9} {'images':>6} {'color':>6} {'shape':>6} {'size':>6} {'position':>8} {'color+shape':>11} {'all':>5}")
+    for split, r in results.items():
+        print(f"{split:<9} {r['images']:>6} {r['color']:>6.0%} {r['shape']:>6.0%} {r['size']:>6.0%} {r['position']:>8.0%} "
+              f"{r['color_and_shape']:>11.0%} {r['color_shape_position']:>5.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings, **results}, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 def run_generate(args) -> None:
@@ -166,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        {"demo": run_demo, "generate": run_generate, "info": run_info}[args.verb](args)
+        {"demo": run_demo, "generate": run_generate, "eval": run_eval, "info": run_info}[args.verb](args)
     except (UsageError, FileNotFoundError) as error:
         print(f"latentdiff {args.verb}: error: {error}", file=sys.stderr)
         return 2

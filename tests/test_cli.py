@@ -17,12 +17,19 @@ def pipeline_dir(tiny_pipeline, tmp_path_factory):
     return path
 
 
-def test_demo_writes_pipeline_and_grid(tmp_path, capsys):
-    assert main(["demo", "--output_dir", str(tmp_path), "--steps", "2", "--seeds", "2"]) == 0
-    grid = PIL.Image.open(tmp_path / "grid.png")
-    assert grid.size == (2 * 18 + 2, 4 * 18 + 2)  # 2 seeds x 4 prompts of 16 px, 2 px padding
-    assert (tmp_path / "pipeline" / "model_index.json").is_file()
+def test_demo_trains_samples_and_measures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    argv = ["demo", "--output_dir", str(tmp_path / "demo"), "--preset", "tiny", "--vae_steps", "2",
+            "--max_train_steps", "2", "--max_train_samples", "64", "--steps", "2", "--seeds", "2"]
+    assert main(argv) == 0
+    out = tmp_path / "demo"
+    assert PIL.Image.open(out / "grid.png").size == (2 * 34 + 2, 6 * 34 + 2)  # 6 prompts x 2 seeds of 32 px
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["adherence"]) == {"train", "held_out"} and "psnr" in metrics["vae"]
+    assert (out / "ldm" / "pipeline" / "model_index.json").is_file()
     assert "latentdiff generate" in capsys.readouterr().out
+    # the same command again resumes: both stages are complete, nothing retrains
+    assert main(argv) == 0
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver++", "euler"])
