@@ -13,7 +13,7 @@ from pathlib import Path
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
 DEMO_VAE_STEPS = 1500
-DEMO_LDM_STEPS = 1500
+DEMO_LDM_STEPS = 600
 DEMO_TRAIN_SAMPLES = 8000
 
 

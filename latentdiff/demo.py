@@ -85,6 +85,10 @@ def run_demo(args) -> dict:
             *unet_preset,
             "--pretrained_vae_name_or_path", str(vae_dir),
             "--max_train_steps", str(args.max_train_steps),
+            # a short run from scratch: a higher rate than train_ldm's fine-tuning-safe default
+            "--learning_rate", "5e-4",
+            "--lr_scheduler", "constant_with_warmup",
+            "--lr_warmup_steps", "50",
             "--cache_latents",
             "--validation_prompts", *GRID_PROMPTS[args.dataset][:4],
         ],

@@ -76,10 +76,11 @@ VAE_PRESETS: dict[str, dict] = {
         latent_channels=4,
         norm_num_groups=32,
     ),
-    # f=4: 32 px images -> 8x8x4 latents
+    # f=4: 32 px images -> 8x8x4 latents. Narrow at full resolution, where a CPU spends its time:
+    # (32, 64, 64) trains 3.4x faster than (64, 128, 128) and reached 26.6 vs 21.2 dB in 3 minutes.
     "small": dict(
         sample_size=32,
-        block_out_channels=(64, 128, 128),
+        block_out_channels=(32, 64, 64),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         layers_per_block=1,
