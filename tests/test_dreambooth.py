@@ -1,15 +1,14 @@
 """DreamBooth: class images generated only when missing, the prior-preservation loss, instance/class batches,
 and training/train_dreambooth.py end to end (full and LoRA), with its errors on bad input."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
+from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline, pipeline_from_preset
 from latentdiff.schedulers import DDPMScheduler
@@ -59,21 +58,10 @@ def instance_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train_dreambooth():
-    spec = importlib.util.spec_from_file_location("train_dreambooth", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_dreambooth")
 
 
-def run(script, argv):
-    """main() in this process, with accelerate's singletons fresh for each run."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return script.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+run = run_script
 
 
 def flags(base_dir, instance_dir, out, *extra):

@@ -4,7 +4,6 @@ scale, fuse/unfuse, a loader that refuses weights matching no layer, and trainin
 (The full fine-tune, train_ldm.py --pretrained_model_name_or_path, is tested in test_train_ldm.py.)
 """
 
-import importlib.util
 import os
 import re
 import socket
@@ -15,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline, pipeline_from_preset
 from latentdiff.training.lora import (
@@ -66,21 +65,10 @@ def image_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetune_lora():
-    spec = importlib.util.spec_from_file_location("finetune_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("finetune_lora")
 
 
-def run(script, argv):
-    """main() in this process, with accelerate's singletons fresh for each run."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return script.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+run = run_script
 
 
 def flags(base_dir, image_dir, out, *extra):

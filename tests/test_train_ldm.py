@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
+from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline, vae_from_preset
 from latentdiff.schedulers import DDPMScheduler
@@ -41,10 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def train_ldm():
-    spec = importlib.util.spec_from_file_location("train_ldm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_ldm")
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +61,7 @@ def flags(shared, out, *extra, samples=8):
     ]  # fmt: skip
 
 
-def run(train_ldm, argv):
-    """main() in this process (no interpreter start-up), with accelerate's singletons fresh for each run."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return train_ldm.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+run = run_script
 
 
 def weights(folder):

@@ -1,6 +1,5 @@
 """training/train_vae.py end to end on the tiny preset: exact resume, the exported folder, bad input."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,18 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
+from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline, pipeline_from_preset
 from latentdiff.training.perceptual import LPIPS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_vae.py"
-spec = importlib.util.spec_from_file_location("train_vae", SCRIPT)
-train_vae = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_vae)
+train_vae = load_script("train_vae")
 
 # 24 shapes, 4 per batch, 2 accumulation steps: 3 optimizer steps an epoch, so 8 steps cross epochs
 TINY = [
@@ -48,14 +45,12 @@ TINY = [
 
 
 def run(output_dir, *flags):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     model = (
         []
         if "--pretrained_vae_name_or_path" in flags or "--vae_preset" in flags
         else ["--vae_preset", "tiny"]
     )
-    return train_vae.main(["--output_dir", str(output_dir), *TINY, *model, *flags])
+    return run_script(train_vae, ["--output_dir", output_dir, *TINY, *model, *flags])
 
 
 @pytest.fixture(scope="module")
