@@ -26,11 +26,10 @@ from latentdiff.pipelines import LatentDiffPipeline
 from latentdiff.data import add_data_args, build_dataloader, build_dataset
 from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
-    batches_to_skip,
     load_checkpoint,
     resolve_resume,
+    resumed_batches,
     save_checkpoint,
-    set_epoch,
 )
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.ema import make_ema
@@ -158,7 +157,6 @@ def main(argv: list[str] | None = None) -> Path:
     resume = resolve_resume(args)
     if resume is not None:
         global_step = load_checkpoint(accelerator, resume)
-    first_epoch, skip = batches_to_skip(global_step, args.gradient_accumulation_steps, len(train_dataloader))
 
     def denoise(x_t, t, encoder_hidden_states):
         return unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -169,55 +167,49 @@ def main(argv: list[str] | None = None) -> Path:
     bar = progress_bar(accelerator, args.max_train_steps, global_step)
     images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     micro_step, window_losses, skipped = 0, [], 0
-    for epoch in range(first_epoch, args.num_train_epochs):
+    for batch in resumed_batches(accelerator, train_dataloader, args, global_step):
+        # noise, timesteps, latents and dropped captions from (seed, step, micro-batch, process): exact resume
+        batch_index = global_step * args.gradient_accumulation_steps + micro_step
+        generator = step_generator(args.seed, batch_index, accelerator)
+        with accelerator.accumulate(*trained):
+            latents = latents_from_batch(batch, vae, generator)  # (B, C, h, w)
+            with accelerator.autocast():
+                states = text_states_from_batch(
+                    batch, tokenizer, text_encoder, empty_states, args.proportion_empty_prompts, generator,
+                    args.train_text_encoder,
+                )  # fmt: skip
+            loss = diffusion_loss(
+                denoise, latents, states, noise_scheduler,
+                snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=generator,
+            )  # fmt: skip
+            if optimizer_step(accelerator, loss, optimizer, lr_scheduler, args, global_step + 1):
+                window_losses.append(loss.item())
+            else:
+                skipped += 1
+                logger.warning(
+                    f"step {global_step + 1}: non-finite loss, batch skipped ({skipped} so far)"
+                )
+        if not accelerator.sync_gradients:
+            micro_step += 1
+            continue
+
+        global_step, micro_step = global_step + 1, 0
+        for ema, params in zip(emas, adapters, strict=False):
+            ema.step(params.parameters())
+        window_loss = sum(window_losses) / max(len(window_losses), 1)
+        loss_value = accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "mean")
+        loss_value = loss_value.item()
+        window_losses = []
+        lr = lr_scheduler.get_last_lr()[0]
+        bar.step(loss_value, lr, images_per_step)
+        logs = {"train/loss": loss_value, "train/lr": lr, "train/skipped": skipped}
+        accelerator.log(logs, step=global_step)
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args.output_dir, global_step)
+        if args.validation_prompts and global_step % args.validation_steps == 0:
+            validate(accelerator, args, global_step, components, args.resolution, emas, adapters)
         if global_step >= args.max_train_steps:
             break
-        set_epoch(train_dataloader, epoch)
-        resuming = epoch == first_epoch and skip
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if resuming else train_dataloader
-        for batch in batches:
-            # noise, timesteps, latents and dropped captions from (seed, step, micro-batch, process): exact resume
-            batch_index = global_step * args.gradient_accumulation_steps + micro_step
-            generator = step_generator(args.seed, batch_index, accelerator)
-            with accelerator.accumulate(*trained):
-                latents = latents_from_batch(batch, vae, generator)  # (B, C, h, w)
-                with accelerator.autocast():
-                    states = text_states_from_batch(
-                        batch, tokenizer, text_encoder, empty_states, args.proportion_empty_prompts, generator,
-                        args.train_text_encoder,
-                    )  # fmt: skip
-                loss = diffusion_loss(
-                    denoise, latents, states, noise_scheduler,
-                    snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=generator,
-                )  # fmt: skip
-                if optimizer_step(accelerator, loss, optimizer, lr_scheduler, args, global_step + 1):
-                    window_losses.append(loss.item())
-                else:
-                    skipped += 1
-                    logger.warning(
-                        f"step {global_step + 1}: non-finite loss, batch skipped ({skipped} so far)"
-                    )
-            if not accelerator.sync_gradients:
-                micro_step += 1
-                continue
-
-            global_step, micro_step = global_step + 1, 0
-            for ema, params in zip(emas, adapters, strict=False):
-                ema.step(params.parameters())
-            window_loss = sum(window_losses) / max(len(window_losses), 1)
-            loss_value = accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "mean")
-            loss_value = loss_value.item()
-            window_losses = []
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.step(loss_value, lr, images_per_step)
-            logs = {"train/loss": loss_value, "train/lr": lr, "train/skipped": skipped}
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step)
-            if args.validation_prompts and global_step % args.validation_steps == 0:
-                validate(accelerator, args, global_step, components, args.resolution, emas, adapters)
-            if global_step >= args.max_train_steps:
-                break
     bar.close()
 
     log_replica_checksum(accelerator, trained, global_step, skipped)

@@ -30,11 +30,10 @@ from latentdiff.data.args import resolution_of
 from latentdiff.presets import VAE_PRESETS, vae_from_preset, vae_scale_factor
 from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
-    batches_to_skip,
     load_checkpoint,
     resolve_resume,
+    resumed_batches,
     save_checkpoint,
-    set_epoch,
 )
 from latentdiff.training.ema import ema_weights, make_ema
 from latentdiff.training.metrics import psnr, ssim
@@ -255,60 +254,52 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     last_layer = accelerator.unwrap_model(model).vae.decoder.conv_out.weight
     images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    first_epoch, skip = batches_to_skip(global_step, args.gradient_accumulation_steps, len(train_dataloader))
     bar = progress_bar(accelerator, args.max_train_steps, global_step)
     generator, skipped, start, steps_at_start = None, 0, time.perf_counter(), global_step
     out_of_time, metrics, metrics_step = False, None, None
-    for epoch in range(first_epoch, args.num_train_epochs):
+    for batch in resumed_batches(accelerator, train_dataloader, args, global_step):
+        x = batch["pixel_values"]
+        gan_active = loss_fn.gan_active(global_step)
+        with accelerator.accumulate(model, *([disc] if disc is not None else [])):
+            generator = generator or step_generator(args.seed, global_step, accelerator)
+            x_rec, mean, logvar = model(x, generator)
+            logits_fake = discriminate_frozen(accelerator, disc, x_rec) if gan_active else None
+            loss, logs = loss_fn(x, x_rec, mean, logvar, logits_fake, last_layer)
+            if check_finite(loss, global_step, args.nan_policy):
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if gan_active:
+                    d_loss = hinge_d_loss(disc(x.detach()), disc(x_rec.detach()))
+                    accelerator.backward(d_loss)
+                    disc_optimizer.step()
+                    disc_optimizer.zero_grad()
+                    logs["d_loss"] = d_loss.item()
+            else:  # --nan_policy skip: no update from this batch; the schedule moves on with the step count
+                skipped += 1
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        generator = None
+        if ema is not None:
+            ema.step(model.parameters())
+        lr = lr_scheduler.get_last_lr()[0]
+        bar.step(logs["loss"], lr, images_per_step)
+        accelerator.log({**{f"train/{k}": v for k, v in logs.items()}, "train/lr": lr}, step=global_step)
+        if global_step % args.validation_steps == 0:
+            with ema_weights(ema, model):
+                metrics, metrics_step = validate(accelerator, model, val_dataloader, args, global_step), global_step
+            bar.write(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, args.output_dir, global_step)
+        if args.max_train_minutes is not None:
+            elapsed = torch.tensor(time.perf_counter() - start, device=accelerator.device)
+            out_of_time = accelerator.reduce(elapsed, "max").item() > 60 * args.max_train_minutes
         if global_step >= args.max_train_steps or out_of_time:
             break
-        set_epoch(train_dataloader, epoch)
-        loader = train_dataloader
-        if epoch == first_epoch and skip:
-            loader = accelerator.skip_first_batches(train_dataloader, skip)
-        for batch in loader:
-            x = batch["pixel_values"]
-            gan_active = loss_fn.gan_active(global_step)
-            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
-                generator = generator or step_generator(args.seed, global_step, accelerator)
-                x_rec, mean, logvar = model(x, generator)
-                logits_fake = discriminate_frozen(accelerator, disc, x_rec) if gan_active else None
-                loss, logs = loss_fn(x, x_rec, mean, logvar, logits_fake, last_layer)
-                if check_finite(loss, global_step, args.nan_policy):
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    if gan_active:
-                        d_loss = hinge_d_loss(disc(x.detach()), disc(x_rec.detach()))
-                        accelerator.backward(d_loss)
-                        disc_optimizer.step()
-                        disc_optimizer.zero_grad()
-                        logs["d_loss"] = d_loss.item()
-                else:  # --nan_policy skip: no update from this batch; the schedule moves on with the step count
-                    skipped += 1
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            generator = None
-            if ema is not None:
-                ema.step(model.parameters())
-            lr = lr_scheduler.get_last_lr()[0]
-            bar.step(logs["loss"], lr, images_per_step)
-            accelerator.log({**{f"train/{k}": v for k, v in logs.items()}, "train/lr": lr}, step=global_step)
-            if global_step % args.validation_steps == 0:
-                with ema_weights(ema, model):
-                    metrics, metrics_step = validate(accelerator, model, val_dataloader, args, global_step), global_step
-                bar.write(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step)
-            if args.max_train_minutes is not None:
-                elapsed = torch.tensor(time.perf_counter() - start, device=accelerator.device)
-                out_of_time = accelerator.reduce(elapsed, "max").item() > 60 * args.max_train_minutes
-            if global_step >= args.max_train_steps or out_of_time:
-                break
     bar.close()
     train_seconds = time.perf_counter() - start
 

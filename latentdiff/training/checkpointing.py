@@ -136,3 +136,18 @@ def set_epoch(dataloader, epoch: int) -> None:
     dataloader.set_epoch(epoch)
     if hasattr(dataloader.dataset, "set_epoch"):
         dataloader.dataset.set_epoch(epoch)
+
+
+def resumed_batches(accelerator, dataloader, args, global_step: int):
+    """The training batches from where optimizer step ``global_step`` left off, epoch after epoch.
+
+    Every epoch is seeded (:func:`set_epoch`) and a resumed run first skips the batches its
+    checkpoint had used, so it sees exactly what an unbroken run would. The caller stops at
+    ``--max_train_steps``; a run that resumes already finished gets no batch.
+    """
+    if global_step >= args.max_train_steps:
+        return
+    first_epoch, skip = batches_to_skip(global_step, args.gradient_accumulation_steps, len(dataloader))
+    for epoch in range(first_epoch, args.num_train_epochs):
+        set_epoch(dataloader, epoch)
+        yield from accelerator.skip_first_batches(dataloader, skip) if epoch == first_epoch and skip else dataloader
