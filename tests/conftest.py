@@ -30,3 +30,20 @@ def tiny_pipeline():
     pipe = pipeline_from_preset("tiny", seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tiny_pipeline, tmp_path_factory):
+    """The tiny pipeline saved as a pipeline folder (16 px images, 8x8 latents)."""
+    path = tmp_path_factory.mktemp("tiny") / "pipeline"
+    tiny_pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and spinning OpenMP threads slow a shared machine down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

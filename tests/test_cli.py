@@ -11,10 +11,8 @@ from latentdiff.cli import main
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tiny_pipeline, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipe")
-    tiny_pipeline.save_pretrained(path)
-    return path
+def pipeline_dir(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 def test_demo_trains_samples_and_measures(tmp_path, capsys, monkeypatch):

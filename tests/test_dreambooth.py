@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from scripts import load_script, run_script
 
-from latentdiff import LatentDiffPipeline, pipeline_from_preset
+from latentdiff import LatentDiffPipeline
 from latentdiff.schedulers import DDPMScheduler
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.dreambooth import (
@@ -27,21 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_dreambooth.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and spinning OpenMP threads slow a shared machine down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny random pipeline folder: 16 px images, 8x8 latents."""
-    path = tmp_path_factory.mktemp("base") / "pipeline"
-    pipeline_from_preset("tiny", seed=0).save_pretrained(path)
-    return path
+def base_dir(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 @pytest.fixture(scope="module")
