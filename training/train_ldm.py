@@ -46,7 +46,7 @@ from latentdiff.training.checkpointing import (
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.ema import make_ema
 from latentdiff.training.finetune import (
-    add_validation_args,
+    add_loss_and_speed_args,
     averaged_weights,
     check_models,
     check_pipeline_folder,
@@ -120,28 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Zero terminal SNR (Lin et al. 2024); needs --prediction_type v_prediction or sample.",
     )
     d.add_argument(
-        "--snr_gamma",
-        type=float,
-        help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is usual.",
-    )
-    d.add_argument(
-        "--noise_offset", type=float, default=0.0, help="Offset noise (Guttenberg 2023); 0.05-0.1 is usual."
-    )
-    d.add_argument(
         "--proportion_empty_prompts",
         type=float,
         default=0.1,
         help="Captions replaced by '' to learn the unconditional model of classifier-free guidance.",
     )
-    e = parser.add_argument_group("speed")
-    e.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="Encode the dataset once with the frozen VAE (and the frozen text encoder) before training.",
-    )
-    e.add_argument("--gradient_checkpointing", action="store_true")
-    e.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    add_validation_args(parser)
+    add_loss_and_speed_args(parser)
     parser.set_defaults(train_batch_size=32, learning_rate=1e-4)
     args = parser.parse_args(argv)
     check_common_args(args)

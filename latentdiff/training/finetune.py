@@ -74,7 +74,12 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         action="store_true",
         help="Train the text encoder too (it stays frozen otherwise).",
     )
-    d = parser.add_argument_group("diffusion")
+    return add_loss_and_speed_args(parser)
+
+
+def add_loss_and_speed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The loss options, speed switches and validation flags of every text-to-image script."""
+    d = parser.add_argument_group("loss")
     d.add_argument(
         "--snr_gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is usual."
     )
