@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from latentdiff.data import ShapesDataset, build_dataloader, cache_latents
 from latentdiff.presets import (
-    load_tokenizer,
     sd_scheduler,
     text_encoder_from_preset,
+    tokenizer_for,
     unet_from_preset,
     vae_from_preset,
 )
@@ -73,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     vae = vae_from_preset(args.preset).requires_grad_(False).eval().to(device)
     text_encoder = text_encoder_from_preset(args.preset).requires_grad_(False).eval().to(device)
-    tokenizer = load_tokenizer()
+    tokenizer = tokenizer_for(text_encoder)
     unet = unet_from_preset(args.preset).to(device)
     noise_scheduler = DDPMScheduler.from_config(sd_scheduler().config)  # SD's training schedule
     dataset = ShapesDataset(resolution=args.resolution).subset(range(args.samples))

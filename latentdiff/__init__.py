@@ -6,6 +6,7 @@ from latentdiff.presets import (
     load_tokenizer,
     pipeline_from_preset,
     text_encoder_from_preset,
+    tokenizer_for,
     unet_from_preset,
     vae_from_preset,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "load_tokenizer",
     "pipeline_from_preset",
     "text_encoder_from_preset",
+    "tokenizer_for",
     "unet_from_preset",
     "vae_from_preset",
 ]

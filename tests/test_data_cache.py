@@ -9,7 +9,7 @@ from latentdiff.data import cache as cache_module
 from latentdiff.data import cache_latents, sample_latent
 from latentdiff.data.cache import encode_text
 from latentdiff.data.shapes import ShapesDataset
-from latentdiff.presets import load_tokenizer, text_encoder_from_preset, vae_from_preset
+from latentdiff.presets import text_encoder_from_preset, tokenizer_for, vae_from_preset
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,13 @@ def test_changed_weights_resolution_or_data_rebuild(tmp_path, vae, monkeypatch):
 
 def test_text_encoder_states_and_null_caption(tmp_path, vae):
     torch.manual_seed(0)
-    text_encoder, tokenizer = text_encoder_from_preset("tiny").eval(), load_tokenizer()
+    text_encoder = text_encoder_from_preset("tiny").eval()
+    tokenizer = tokenizer_for(text_encoder)
     dataset = shapes(n=6)
     cached = cache_latents(dataset, vae, cache_dir=tmp_path, text_encoder=text_encoder, tokenizer=tokenizer)
     item = cached[2]
     expected = encode_text([dataset.captions(2)[0], ""], text_encoder, tokenizer)
-    assert item["encoder_hidden_states"].shape == (77, 32)
+    assert item["encoder_hidden_states"].shape == (32, 32)  # (tokens, width) of the tiny text encoder
     assert torch.allclose(item["encoder_hidden_states"], expected[0], atol=1e-5)
     assert torch.allclose(cached.null_encoder_hidden_states, expected[1], atol=1e-5)
     plain = cache_latents(dataset, vae, cache_dir=tmp_path)

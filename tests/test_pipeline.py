@@ -140,7 +140,7 @@ def _sd2_components():
     unet = unet_from_preset(
         "tiny", attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32
     )
-    text_encoder = text_encoder_from_preset("tiny", hidden_act="gelu", projection_dim=512)
+    text_encoder = text_encoder_from_preset("tiny", hidden_act="gelu", projection_dim=512, max_position_embeddings=77)
     tokenizer = load_tokenizer()
     tokenizer.pad_token = "!"
     scheduler = DiffusersDDIM(

@@ -72,3 +72,12 @@ def test_wheel_ships_tokenizer_and_no_generic_top_level_packages(tmp_path):
     assert "pipelines" not in top_level and "training" not in top_level and "tests" not in top_level
     assert "latentdiff/pipelines/latent_diff_pipeline.py" in names
     assert {"latentdiff/tokenizer/vocab.json", "latentdiff/tokenizer/merges.txt"} <= set(names)
+
+
+def test_small_presets_pad_prompts_to_their_text_encoders_positions(tmp_path):
+    pipe = pipeline_from_preset("tiny")
+    assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length == 32
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = type(pipe).from_pretrained(tmp_path)
+    assert loaded.tokenizer.model_max_length == 32
+    assert loaded.tokenizer(["a cat"], padding="max_length").input_ids[0].__len__() == 32
