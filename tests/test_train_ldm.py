@@ -87,7 +87,7 @@ def test_end_to_end_writes_a_pipeline_that_loads_and_generates(train_ldm, shared
         "--validation_prompts", "a small red circle in the top left", "a large blue square at the bottom",
         "--num_validation_images", 2, "--validation_inference_steps", 2, "--cache_latents", "--use_ema",
         "--prediction_type", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", 5, "--noise_offset", 0.05,
-        "--gradient_checkpointing", "--report_to", "tensorboard",
+        "--gradient_checkpointing", "--report_to", "tensorboard", "--save_pipeline_at_checkpoints",
     )  # fmt: skip
     pipeline_dir = run(train_ldm, argv)
 
@@ -113,6 +113,12 @@ def test_end_to_end_writes_a_pipeline_that_loads_and_generates(train_ldm, shared
         torch.testing.assert_close(param.data, shadow, rtol=0, atol=0)
     trained = load_file(out / "checkpoints" / "checkpoint-4" / "model.safetensors")
     assert any(not torch.equal(trained[k], v) for k, v in exported.state_dict().items())
+    # --save_pipeline_at_checkpoints: each checkpoint holds the pipeline of its step (EMA weights too)
+    at_4 = load_file(out / "checkpoints" / "checkpoint-4" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert at_4.keys() == exported.state_dict().keys()
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in at_4.items())
+    early = UNet2DConditionModel.from_pretrained(out / "checkpoints" / "checkpoint-2" / "pipeline" / "unet")
+    assert any(not torch.equal(p, q) for p, q in zip(early.parameters(), exported.parameters(), strict=True))
 
     pipe = LatentDiffPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)

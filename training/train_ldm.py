@@ -29,9 +29,9 @@ from latentdiff.data.args import resolution_of
 from latentdiff.presets import (
     TEXT_ENCODER_PRESETS,
     UNET_PRESETS,
-    load_tokenizer,
     sd_scheduler,
     text_encoder_from_preset,
+    tokenizer_for,
     unet_from_preset,
     vae_scale_factor,
 )
@@ -125,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help="Captions replaced by '' to learn the unconditional model of classifier-free guidance.",
     )
+    parser.add_argument(
+        "--save_pipeline_at_checkpoints",
+        action="store_true",
+        help="Also write a pipeline folder (EMA weights with --use_ema) into each checkpoint-N/pipeline, "
+        "to sample from or evaluate while training goes on.",
+    )
     add_loss_and_speed_args(parser)
     parser.set_defaults(train_batch_size=32, learning_rate=1e-4)
     args = parser.parse_args(argv)
@@ -199,8 +205,8 @@ def load_models(args, resolution: int):
         vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
         schedule = dict(pipe.scheduler.config)
     else:
-        vae = text_encoder = None
-        tokenizer, schedule = load_tokenizer(), dict(sd_scheduler().config)
+        vae = text_encoder = tokenizer = None
+        schedule = dict(sd_scheduler().config)
     if args.pretrained_vae_name_or_path:
         path = args.pretrained_vae_name_or_path
         vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder(path, "vae"))
@@ -209,6 +215,8 @@ def load_models(args, resolution: int):
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder=subfolder(path, "text_encoder") or "")
     elif text_encoder is None:
         text_encoder = text_encoder_from_preset(args.text_encoder_preset or args.unet_preset or "small")
+    if tokenizer is None:
+        tokenizer = tokenizer_for(text_encoder)
     if not args.pretrained_model_name_or_path:
         # sample_size only sets the pipeline's default image size: the training resolution
         unet = unet_from_preset(args.unet_preset or "small", sample_size=resolution // vae_scale_factor(vae))
@@ -294,6 +302,10 @@ def main(argv: list[str] | None = None) -> Path:
     def validate_at(step: int) -> None:
         validate(accelerator, args, step, components, resolution, emas, trained)
 
+    def export_to(folder: Path) -> Path:  # main process only
+        with averaged_weights(emas, [accelerator.unwrap_model(m) for m in trained]):
+            return export_pipeline(build_pipeline(accelerator, **components), Path(folder) / PIPELINE_DIR)
+
     bar = progress_bar(accelerator, args.max_train_steps, global_step)
     images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     micro_step, window_losses, skipped = 0, [], 0
@@ -335,7 +347,9 @@ def main(argv: list[str] | None = None) -> Path:
             {"train/loss": loss_value, "train/lr": lr, "train/skipped": skipped}, step=global_step
         )
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step)
+            save_checkpoint(
+                accelerator, args.output_dir, global_step, extra=export_to if args.save_pipeline_at_checkpoints else None
+            )
         if args.validation_prompts and global_step % args.validation_steps == 0:
             validate_at(global_step)
         if global_step >= args.max_train_steps:
@@ -347,8 +361,7 @@ def main(argv: list[str] | None = None) -> Path:
         validate_at(global_step)
     pipeline_dir = Path(args.output_dir) / PIPELINE_DIR
     if accelerator.is_main_process:
-        with averaged_weights(emas, [accelerator.unwrap_model(m) for m in trained]):
-            export_pipeline(build_pipeline(accelerator, **components), pipeline_dir)
+        export_to(args.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return pipeline_dir

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -43,12 +44,15 @@ def find_checkpoint(output_dir: str | Path, name_or_path: str) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, extra: Callable[[Path], object] | None = None
+) -> Path:
     """Save the full training state as checkpoint-{step}, atomically; prune to the project's total_limit.
 
     Every process must call this (save_state gathers sharded state). The limit is
     `accelerator.project_configuration.total_limit` (`make_accelerator` sets it from
-    --checkpoints_total_limit); the checkpoint just written is never pruned.
+    --checkpoints_total_limit); the checkpoint just written is never pruned. ``extra(folder)`` runs on the
+    main process before the checkpoint is renamed into place, to write more into it (a pipeline folder).
     """
     root = Path(output_dir) / CHECKPOINTS_DIR
     tmp, final = root / f"{TMP_PREFIX}checkpoint-{step}", root / f"checkpoint-{step}"
@@ -60,6 +64,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}))
         if final.exists():  # the same step saved again (e.g. a resumed run): swap, keeping a complete one on disk
             old = root / f"{TMP_PREFIX}old-checkpoint-{step}"
