@@ -98,7 +98,7 @@ def randomize_adapters(*models, seed=0):
     for model in models:
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.data = 0.3 * torch.randn(param.shape, generator=generator)
+                param.data = 0.1 * torch.randn(param.shape, generator=generator)
 
 
 @pytest.mark.parametrize("rank", [1, 3])
