@@ -1,19 +1,57 @@
-"""Prompt adherence on the shapes dataset: generate from captions, read the images back with the analyzer.
+"""Measuring a text-to-image pipeline against a dataset: ``evaluate(pipe, "shapes" | "emoji" | DIR)``.
 
-A generated image "adheres" when the analyzer sees the prompted color, shape and position. The
-held-out combinations (color, shape, position triples never seen in training) measure whether the
-model composes attributes rather than memorising captions.
+- **Distribution distance**, for every dataset: FID and KID between images generated from the
+  captions of held-out real images and those real images (the dataset's validation split),
+  computed on the features of a network (:mod:`latentdiff.features`: the in-domain feature net
+  trained on the dataset's training split, or a CLIP vision model given by path).
+- **Prompt adherence**, for shapes: a generated image "adheres" when the analyzer sees the
+  prompted color, shape and position. The held-out combinations (color, shape, position triples
+  never seen in training) measure whether the model composes attributes rather than memorising
+  captions.
+- **Caption retrieval**, for data with a caption of its own per image (emoji, most folders):
+  generate from the captions of K real images with distinct captions, and count how often the
+  generated image's nearest real image (cosine of features) among those K is the prompted one
+  (top-1, top-5, beside chance: 1/K and 5/K), for training and for held-out captions.
+
+Every image is generated with its own seeded generator, so results do not depend on batching
+or on the order in which the measures run.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from latentdiff.data import shapes
+from latentdiff.data import build_dataset, shapes
+from latentdiff.data.args import BUILTIN_DATASETS
+from latentdiff.features import fid, kid, load_features
 
 ATTRIBUTES = ("color", "shape", "size", "position")
+SPLITS = {"train": "train", "held_out": "validation"}  # our names -> the data module's
+MAX_REAL_IMAGES = 5000  # real images embedded for FID/KID; more only adds time
+DEFAULT_NUM_PROMPTS = len(shapes.HELD_OUT) * 2  # what the demo measures adherence on
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int = 25, guidance_scale: float = 7.5,
+             batch_size: int = 32) -> list:
+    """One image per prompt, image i from a generator seeded with ``seeds[i]``, in batches."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        images += pipe(
+            prompts[start : start + batch_size],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]],
+        ).images
+    return images
+
+
+# --- shapes prompt adherence -------------------------------------------------------------------
 
 
 def shapes_prompts(split: str, num_prompts: int, seed: int = 0) -> list[dict]:
@@ -44,22 +82,170 @@ def shapes_adherence(
 ) -> dict:
     """Fraction of generated images whose analyzed color, shape, size, position (each, color and shape,
     and all of color, shape and position) match the prompt."""
-    targets = shapes_prompts(split, num_prompts, seed)
-    jobs = [(t, seed + i * images_per_prompt + j) for i, t in enumerate(targets) for j in range(images_per_prompt)]
+    targets = [t for t in shapes_prompts(split, num_prompts, seed) for _ in range(images_per_prompt)]
+    seeds = [seed + i for i in range(len(targets))]  # prompt i, image j: seed + i * images_per_prompt + j
+    images = generate(pipe, [t["prompt"] for t in targets], seeds, num_inference_steps, guidance_scale, batch_size)
     hits = {key: 0 for key in (*ATTRIBUTES, "color_and_shape", "color_shape_position")}
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        images = pipe(
-            [t["prompt"] for t, _ in chunk],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-        ).images
-        for (target, _), image in zip(chunk, images, strict=True):
-            seen = shapes.analyze(image)
-            ok = {a: seen.get(a) == target[a] for a in ATTRIBUTES}
-            for a in ATTRIBUTES:
-                hits[a] += ok[a]
-            hits["color_and_shape"] += ok["color"] and ok["shape"]
-            hits["color_shape_position"] += ok["color"] and ok["shape"] and ok["position"]
-    return {"split": split, "images": len(jobs), **{k: v / len(jobs) for k, v in hits.items()}}
+    for target, image in zip(targets, images, strict=True):
+        seen = shapes.analyze(image)
+        ok = {a: seen.get(a) == target[a] for a in ATTRIBUTES}
+        for a in ATTRIBUTES:
+            hits[a] += ok[a]
+        hits["color_and_shape"] += ok["color"] and ok["shape"]
+        hits["color_shape_position"] += ok["color"] and ok["shape"] and ok["position"]
+    return {"split": split, "images": len(targets), **{k: v / len(targets) for k, v in hits.items()}}
+
+
+# --- data and features -------------------------------------------------------------------------
+
+
+def pipeline_resolution(pipe) -> int:
+    """The side of the images the pipeline makes by default."""
+    from latentdiff.presets import vae_scale_factor
+
+    size = pipe.unet.config.sample_size
+    return (size[0] if isinstance(size, (list, tuple)) else size) * vae_scale_factor(pipe.vae)
+
+
+def eval_splits(dataset: str, resolution: int, data_cache_dir: str | None = None) -> dict:
+    """``{"train": ..., "held_out": ...}`` of shapes, emoji or a local folder/file (any format the data
+    module reads), at ``resolution`` (shapes: at least its minimum, 32)."""
+    if dataset not in BUILTIN_DATASETS and not Path(dataset).expanduser().exists():
+        raise FileNotFoundError(f"dataset {dataset!r} is neither built in ({', '.join(BUILTIN_DATASETS)}) "
+                                "nor an existing folder or file")
+    if dataset == "shapes":
+        resolution = max(resolution, shapes.MIN_RESOLUTION)
+    args = argparse.Namespace(dataset_name=dataset, resolution=resolution, data_cache_dir=data_cache_dir)
+    return {ours: build_dataset(args, theirs) for ours, theirs in SPLITS.items()}
+
+
+def first_caption(dataset, position: int) -> str:
+    """An item's main caption (emoji: its name; its aliases follow)."""
+    return dataset.captions(position)[0]
+
+
+@torch.no_grad()
+def embed_real(features, dataset, positions: list[int], batch_size: int = 64) -> torch.Tensor:
+    """Features (N, D) of the dataset's items at ``positions``, decoded a batch at a time."""
+    chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+    return torch.cat([features(torch.stack([dataset[p]["pixel_values"] for p in chunk])) for chunk in chunks])
+
+
+@torch.no_grad()
+def embed_generated(pipe, features, prompts: list[str], seeds: list[int], num_inference_steps: int,
+                    guidance_scale: float, batch_size: int = 32) -> torch.Tensor:
+    """Features (N, D) of one generated image per prompt (images are not kept)."""
+    return torch.cat([
+        features(generate(pipe, prompts[i : i + batch_size], seeds[i : i + batch_size], num_inference_steps,
+                          guidance_scale, batch_size))
+        for i in range(0, len(prompts), batch_size)
+    ])
+
+
+# --- distribution distance ---------------------------------------------------------------------
+
+
+def distribution_distance(pipe, real, features, num_images: int = 128, num_inference_steps: int = 25,
+                          guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 32,
+                          kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+    """FID and KID between ``num_images`` images generated from the captions of ``real``'s items (taken
+    in a seeded order, repeated if there are fewer) and up to ``MAX_REAL_IMAGES`` of those items."""
+    order = [int(p) for p in np.random.default_rng(seed).permutation(len(real))[:MAX_REAL_IMAGES]]
+    prompts = [first_caption(real, order[i % len(order)]) for i in range(num_images)]
+    real_features = embed_real(features, real, order)
+    generated_features = embed_generated(pipe, features, prompts, [seed + i for i in range(num_images)],
+                                         num_inference_steps, guidance_scale, batch_size)
+    kid_mean, kid_std = kid(generated_features, real_features, kid_subsets, kid_subset_size, seed)
+    return {
+        "fid": {"name": features.metric_name("FID"), "value": fid(generated_features, real_features)},
+        "kid": {"name": features.metric_name("KID"), "mean": kid_mean, "std": kid_std, "subsets": kid_subsets,
+                "subset_size": min(kid_subset_size, len(real_features), num_images)},
+        "real_images": len(order),
+        "generated_images": num_images,
+    }
+
+
+# --- caption retrieval -------------------------------------------------------------------------
+
+
+def distinct_caption_positions(dataset, n: int, seed: int = 0) -> list[int]:
+    """Up to ``n`` items, in a seeded random order, no two with the same main caption: a prompt must
+    name one image for "the prompted image" to mean anything."""
+    seen, picks = set(), []
+    for position in np.random.default_rng(seed).permutation(len(dataset)):
+        caption = first_caption(dataset, int(position))
+        if caption not in seen:
+            seen.add(caption)
+            picks.append(int(position))
+            if len(picks) == n:
+                break
+    return picks
+
+
+def retrieval_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """For each query i (N, D), how many candidates (N, D) are more similar (cosine) than candidate i,
+    its own: rank 0 is a top-1 hit, rank < 5 a top-5 hit."""
+    similarity = F.normalize(queries.double(), dim=1) @ F.normalize(candidates.double(), dim=1).T  # (N, N)
+    return (similarity > similarity.diagonal()[:, None]).sum(1)  # (N,)
+
+
+def caption_retrieval(pipe, dataset, features, num_prompts: int = DEFAULT_NUM_PROMPTS, num_inference_steps: int = 25,
+                      guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 32) -> dict:
+    """Top-1 and top-5 retrieval of the prompted image among ``num_prompts`` real images with distinct
+    captions, from one image generated per caption (see the module docstring)."""
+    positions = distinct_caption_positions(dataset, num_prompts, seed)
+    k = len(positions)
+    if k < 2:
+        return {"dataset": dataset.name, "candidates": k, "skipped": "fewer than 2 distinct captions"}
+    prompts = [first_caption(dataset, p) for p in positions]
+    generated = embed_generated(pipe, features, prompts, [seed + i for i in range(k)], num_inference_steps,
+                                guidance_scale, batch_size)
+    ranks = retrieval_ranks(generated, embed_real(features, dataset, positions))
+    return {
+        "dataset": dataset.name,
+        "candidates": k,
+        "top1": float((ranks < 1).double().mean()),
+        "top5": float((ranks < 5).double().mean()),
+        "chance_top1": 1 / k,
+        "chance_top5": min(5, k) / k,
+    }
+
+
+# --- everything --------------------------------------------------------------------------------
+
+
+def evaluate(pipe, dataset: str = "shapes", *, num_images: int = 128, num_prompts: int = DEFAULT_NUM_PROMPTS,
+             images_per_prompt: int = 2, num_inference_steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
+             feature_net: str | None = None, feature_net_steps: int | None = None, cache_dir: str | None = None,
+             data_cache_dir: str | None = None) -> dict:
+    """FID/KID for every dataset, then shapes adherence or caption retrieval (see the module docstring).
+
+    With the defaults, the shapes adherence is the demo's (``latentdiff demo`` writes the same numbers
+    to metrics.json for the same steps, guidance and seed). ``feature_net``: a CLIP vision model folder;
+    without it the in-domain feature net (cached under ``cache_dir``) is used, trained first if needed.
+    """
+    splits = eval_splits(dataset, pipeline_resolution(pipe), data_cache_dir)
+    if len(splits["held_out"]) < 2 or num_images < 2:  # before a feature net is trained for nothing
+        raise ValueError(f"FID and KID need at least 2 real and 2 generated images; {splits['held_out'].name} has "
+                         f"{len(splits['held_out'])} held-out images and {num_images} were asked for")
+    features = load_features(splits["train"], dataset, feature_net, feature_net_steps, cache_dir)
+    settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed)
+    results = {
+        "dataset": dataset,
+        "resolution": splits["held_out"].resolution,
+        "settings": {**settings, "scheduler": type(pipe.scheduler).__name__},
+        "features": {"name": features.description, "path": str(features.path)},
+        **distribution_distance(pipe, splits["held_out"], features, num_images, **settings),
+    }
+    if splits["held_out"].fingerprint == splits["train"].fingerprint:
+        results["note"] = "too few images to hold any out: the real images are the training images"
+    if dataset == "shapes":
+        results["adherence"] = {
+            split: shapes_adherence(pipe, split, num_prompts=num_prompts, images_per_prompt=images_per_prompt, **settings)
+            for split in ("train", "held_out")
+        }
+    else:
+        results["retrieval"] = {
+            split: caption_retrieval(pipe, data, features, num_prompts, **settings) for split, data in splits.items()
+        }
+    return results
