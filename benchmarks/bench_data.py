@@ -9,7 +9,6 @@ Prints a table and writes the numbers as JSON. Runs in about a minute on 2 CPU c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import write_result  # benchmarks/ is on sys.path when a script runs
 
 from latentdiff.data import EmojiDataset, ShapesDataset, build_dataloader, cache_latents
 from latentdiff.presets import vae_from_preset
@@ -88,9 +88,7 @@ def main() -> None:
         "latent_cache": {"vae": args.vae, "items": args.cache_items, "resolution": 32,
                          "first_batch_cold_s": cold, "first_batch_warm_s": warm},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

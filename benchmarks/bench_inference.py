@@ -10,16 +10,15 @@ compared. Also checks that the two produce the same images.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from results_file import write_result  # benchmarks/ is on sys.path when a script runs
 
 from latentdiff import pipeline_from_preset
 
@@ -31,10 +30,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per call")
     parser.add_argument("--runs", type=int, default=7, help="timed calls of each pipeline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--out", default="benchmarks/results/inference.json")
     args = parser.parse_args()
 
-    ours = pipeline_from_preset(args.preset).to(args.device)
+    ours = pipeline_from_preset(args.preset).to(args.device, getattr(torch, args.dtype))
     theirs = StableDiffusionPipeline(
         **ours.components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
@@ -66,8 +66,9 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
         "command": f"python benchmarks/bench_inference.py --preset {args.preset} --steps {args.steps} "
-        f"--batch {args.batch} --runs {args.runs}",
+        f"--batch {args.batch} --runs {args.runs} --dtype {args.dtype}",
         "preset": args.preset,
+        "dtype": args.dtype,
         "steps": args.steps,
         "batch": args.batch,
         "median_s": median,
@@ -76,15 +77,12 @@ def main() -> None:
         "max_abs_image_difference": float(np.abs(outputs["latentdiff"] - outputs["diffusers"]).max()),
     }
     print(f"{'pipeline':<12} {'median s':>9}   ({args.preset} preset, batch {args.batch}, {args.steps} steps, "
-          f"{args.runs} alternating runs, {args.device})")
+          f"{args.runs} alternating runs, {args.device}, {args.dtype})")
     for name, seconds in median.items():
         print(f"{name:<12} {seconds:>9.3f}")
     print(f"ratio latentdiff / diffusers: {result['ratio_latentdiff_over_diffusers']:.3f}  "
           f"(max abs image difference {result['max_abs_image_difference']:.2e})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import platform
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_file import write_result  # benchmarks/ is on sys.path when a script runs
 
 from latentdiff.data import ShapesDataset, build_dataloader, cache_latents
 from latentdiff.presets import (
@@ -174,10 +174,7 @@ def main() -> None:
         f"speedup: {result['speedup']:.2f}x; building the cache of {args.samples} images took {cache_seconds:.1f} s "
         f"(paid back after {result['cache_pays_off_after_steps']:.0f} steps)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 def iter_forever(loader):
