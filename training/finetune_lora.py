@@ -28,8 +28,6 @@ from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
     load_checkpoint,
     resolve_resume,
-    resumed_batches,
-    save_checkpoint,
 )
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.ema import make_ema
@@ -39,15 +37,14 @@ from latentdiff.training.finetune import (
     check_finetune_args,
     check_models,
     latents_from_batch,
-    log_replica_checksum,
     maybe_cache,
     native_resolution,
-    optimizer_step,
     text_states_from_batch,
     training_scheduler,
     validate,
     weight_dtype,
 )
+from latentdiff.training.loop import TrainingLoop
 from latentdiff.training.lora import (
     LORA_DIR,
     add_lora_adapters,
@@ -56,7 +53,6 @@ from latentdiff.training.lora import (
     register_lora_checkpointing,
     save_lora,
 )
-from latentdiff.training.progress import progress_bar
 from latentdiff.training.run import (
     count_parameters,
     log_run_start,
@@ -64,7 +60,6 @@ from latentdiff.training.run import (
     make_lr_scheduler,
     make_optimizer,
     resolve_train_steps,
-    step_generator,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -164,13 +159,12 @@ def main(argv: list[str] | None = None) -> Path:
     components = dict(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, noise_scheduler=noise_scheduler
     )
-    bar = progress_bar(accelerator, args.max_train_steps, global_step)
     images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    micro_step, window_losses, skipped = 0, [], 0
-    for batch in resumed_batches(accelerator, train_dataloader, args, global_step):
-        # noise, timesteps, latents and dropped captions from (seed, step, micro-batch, process): exact resume
-        batch_index = global_step * args.gradient_accumulation_steps + micro_step
-        generator = step_generator(args.seed, batch_index, accelerator)
+    loop = TrainingLoop(
+        accelerator, args, global_step, images_per_step, optimizer, lr_scheduler, trained, emas, adapters,
+        validate=lambda step: validate(accelerator, args, step, components, args.resolution, emas, adapters),
+    )  # fmt: skip
+    for batch, generator in loop.batches(train_dataloader):
         with accelerator.accumulate(*trained):
             latents = latents_from_batch(batch, vae, generator)  # (B, C, h, w)
             with accelerator.autocast():
@@ -182,39 +176,8 @@ def main(argv: list[str] | None = None) -> Path:
                 denoise, latents, states, noise_scheduler,
                 snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=generator,
             )  # fmt: skip
-            if optimizer_step(accelerator, loss, optimizer, lr_scheduler, args, global_step + 1):
-                window_losses.append(loss.item())
-            else:
-                skipped += 1
-                logger.warning(
-                    f"step {global_step + 1}: non-finite loss, batch skipped ({skipped} so far)"
-                )
-        if not accelerator.sync_gradients:
-            micro_step += 1
-            continue
+            loop.step(loss)
 
-        global_step, micro_step = global_step + 1, 0
-        for ema, params in zip(emas, adapters, strict=False):
-            ema.step(params.parameters())
-        window_loss = sum(window_losses) / max(len(window_losses), 1)
-        loss_value = accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "mean")
-        loss_value = loss_value.item()
-        window_losses = []
-        lr = lr_scheduler.get_last_lr()[0]
-        bar.step(loss_value, lr, images_per_step)
-        logs = {"train/loss": loss_value, "train/lr": lr, "train/skipped": skipped}
-        accelerator.log(logs, step=global_step)
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step)
-        if args.validation_prompts and global_step % args.validation_steps == 0:
-            validate(accelerator, args, global_step, components, args.resolution, emas, adapters)
-        if global_step >= args.max_train_steps:
-            break
-    bar.close()
-
-    log_replica_checksum(accelerator, trained, global_step, skipped)
-    if args.validation_prompts and global_step % args.validation_steps:
-        validate(accelerator, args, global_step, components, args.resolution, emas, adapters)
     lora_dir = Path(args.output_dir) / LORA_DIR
     if accelerator.is_main_process:
         with averaged_weights(emas, adapters):

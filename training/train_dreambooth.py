@@ -27,8 +27,6 @@ from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
     load_checkpoint,
     resolve_resume,
-    resumed_batches,
-    save_checkpoint,
 )
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.dreambooth import (
@@ -45,15 +43,14 @@ from latentdiff.training.finetune import (
     check_finetune_args,
     check_models,
     latents_from_batch,
-    log_replica_checksum,
     maybe_cache,
     native_resolution,
-    optimizer_step,
     text_states_from_batch,
     training_scheduler,
     validate,
     weight_dtype,
 )
+from latentdiff.training.loop import TrainingLoop
 from latentdiff.training.lora import (
     LORA_DIR,
     add_lora_adapters,
@@ -62,7 +59,6 @@ from latentdiff.training.lora import (
     register_lora_checkpointing,
     save_lora,
 )
-from latentdiff.training.progress import progress_bar
 from latentdiff.training.run import (
     count_parameters,
     log_run_start,
@@ -70,7 +66,6 @@ from latentdiff.training.run import (
     make_lr_scheduler,
     make_optimizer,
     resolve_train_steps,
-    step_generator,
 )
 from latentdiff.training.validation import PIPELINE_DIR, build_pipeline, export_pipeline
 
@@ -246,16 +241,15 @@ def main(argv: list[str] | None = None) -> Path:
     components = dict(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, noise_scheduler=noise_scheduler
     )
-    bar = progress_bar(accelerator, args.max_train_steps, global_step)
     pairs = 2 if args.with_prior_preservation else 1
     images_per_step = (
         pairs * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     )
-    micro_step, window_losses, skipped = 0, [], 0
-    for batch in resumed_batches(accelerator, train_dataloader, args, global_step):
-        # noise, timesteps and latents from (seed, step, micro-batch, process): exact resume
-        batch_index = global_step * args.gradient_accumulation_steps + micro_step
-        generator = step_generator(args.seed, batch_index, accelerator)
+    loop = TrainingLoop(
+        accelerator, args, global_step, images_per_step, optimizer, lr_scheduler, trained, emas, params,
+        validate=lambda step: validate(accelerator, args, step, components, resolution, emas, params),
+    )  # fmt: skip
+    for batch, generator in loop.batches(train_dataloader):
         with accelerator.accumulate(*trained):
             if args.with_prior_preservation:
                 batch = join_prior_batch(batch)  # instance half, class half
@@ -264,48 +258,15 @@ def main(argv: list[str] | None = None) -> Path:
                 states = text_states_from_batch(
                     batch, tokenizer, text_encoder, empty_states, 0.0, generator, args.train_text_encoder
                 )
-            loss_kwargs = dict(
-                snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=generator
-            )
+            loss_kwargs = dict(snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=generator)
             if args.with_prior_preservation:
                 loss = prior_preservation_loss(
                     denoise, latents, states, noise_scheduler, args.prior_loss_weight, **loss_kwargs
                 )
             else:
                 loss = diffusion_loss(denoise, latents, states, noise_scheduler, **loss_kwargs)
-            if optimizer_step(accelerator, loss, optimizer, lr_scheduler, args, global_step + 1):
-                window_losses.append(loss.item())
-            else:
-                skipped += 1
-                logger.warning(
-                    f"step {global_step + 1}: non-finite loss, batch skipped ({skipped} so far)"
-                )
-        if not accelerator.sync_gradients:
-            micro_step += 1
-            continue
+            loop.step(loss)
 
-        global_step, micro_step = global_step + 1, 0
-        for ema, group in zip(emas, params, strict=False):
-            ema.step(group.parameters())
-        window_loss = sum(window_losses) / max(len(window_losses), 1)
-        loss_value = accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "mean")
-        loss_value = loss_value.item()
-        window_losses = []
-        lr = lr_scheduler.get_last_lr()[0]
-        bar.step(loss_value, lr, images_per_step)
-        logs = {"train/loss": loss_value, "train/lr": lr, "train/skipped": skipped}
-        accelerator.log(logs, step=global_step)
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, global_step)
-        if args.validation_prompts and global_step % args.validation_steps == 0:
-            validate(accelerator, args, global_step, components, resolution, emas, params)
-        if global_step >= args.max_train_steps:
-            break
-    bar.close()
-
-    log_replica_checksum(accelerator, trained, global_step, skipped)
-    if args.validation_prompts and global_step % args.validation_steps:
-        validate(accelerator, args, global_step, components, resolution, emas, params)
     output = Path(args.output_dir) / (LORA_DIR if args.use_lora else PIPELINE_DIR)
     if accelerator.is_main_process:
         with averaged_weights(emas, params):

@@ -15,10 +15,8 @@ output_dir/validation and, at the end, a pipeline folder output_dir/pipeline (EM
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
-import torch
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL
 from latentdiff.pipelines import LatentDiffPipeline
@@ -40,26 +38,23 @@ from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
     load_checkpoint,
     resolve_resume,
-    resumed_batches,
-    save_checkpoint,
 )
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.ema import make_ema
 from latentdiff.training.finetune import (
     add_loss_and_speed_args,
     averaged_weights,
+    check_loss_and_speed_args,
     check_models,
     check_pipeline_folder,
     check_validation_args,
     latents_from_batch,
-    log_replica_checksum,
     maybe_cache,
-    optimizer_step,
     text_states_from_batch,
     training_scheduler,
     validate,
 )
-from latentdiff.training.progress import progress_bar
+from latentdiff.training.loop import TrainingLoop
 from latentdiff.training.run import (
     count_parameters,
     log_run_start,
@@ -67,7 +62,6 @@ from latentdiff.training.run import (
     make_lr_scheduler,
     make_optimizer,
     resolve_train_steps,
-    step_generator,
 )
 from latentdiff.training.validation import PIPELINE_DIR, build_pipeline, export_pipeline
 
@@ -168,10 +162,7 @@ def check_ldm_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}"
         )
-    if args.snr_gamma is not None and not args.snr_gamma > 0:
-        raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    if args.noise_offset < 0:
-        raise ValueError(f"--noise_offset must be >= 0, got {args.noise_offset}")
+    check_loss_and_speed_args(args)
     pretrained_prediction = (
         args.prediction_type is None and args.pretrained_model_name_or_path
     )  # checked on load
@@ -183,11 +174,6 @@ def check_ldm_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "--rescale_betas_zero_snr makes x_T pure noise, where predicting eps says nothing about "
             "x_0 (Lin et al. 2024 §3.2): add --prediction_type v_prediction"
-        )
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise ValueError(
-            "--enable_xformers_memory_efficient_attention needs the xformers package (CUDA only), "
-            "which is not installed: pip install xformers, or leave the flag out (PyTorch SDPA is used)"
         )
 
 
@@ -306,13 +292,12 @@ def main(argv: list[str] | None = None) -> Path:
         with averaged_weights(emas, [accelerator.unwrap_model(m) for m in trained]):
             return export_pipeline(build_pipeline(accelerator, **components), Path(folder) / PIPELINE_DIR)
 
-    bar = progress_bar(accelerator, args.max_train_steps, global_step)
     images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    micro_step, window_losses, skipped = 0, [], 0
-    for batch in resumed_batches(accelerator, train_dataloader, args, global_step):
-        # noise, timesteps, latents and dropped captions from (seed, step, micro-batch, process): exact resume
-        batch_index = global_step * args.gradient_accumulation_steps + micro_step
-        generator = step_generator(args.seed, batch_index, accelerator)
+    loop = TrainingLoop(
+        accelerator, args, global_step, images_per_step, optimizer, lr_scheduler, trained, emas, trained,
+        validate=validate_at, checkpoint_extra=export_to if args.save_pipeline_at_checkpoints else None,
+    )  # fmt: skip
+    for batch, generator in loop.batches(train_dataloader):
         with accelerator.accumulate(*trained):
             latents = latents_from_batch(batch, vae, generator)  # (B, C, h, w)
             with accelerator.autocast():
@@ -324,41 +309,8 @@ def main(argv: list[str] | None = None) -> Path:
                 denoise, latents, states, noise_scheduler,
                 snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, generator=generator,
             )  # fmt: skip
-            # checked before backward: a NaN never reaches the weights, nor a checkpoint
-            if optimizer_step(accelerator, loss, optimizer, lr_scheduler, args, global_step + 1):
-                window_losses.append(loss.item())
-            else:
-                skipped += 1
-                logger.warning(f"step {global_step + 1}: non-finite loss, batch skipped ({skipped} so far)")
-        if not accelerator.sync_gradients:
-            micro_step += 1
-            continue
+            loop.step(loss)
 
-        global_step, micro_step = global_step + 1, 0
-        for ema, model in zip(emas, trained, strict=False):
-            ema.step(model.parameters())
-        window_loss = sum(window_losses) / max(len(window_losses), 1)
-        loss_value = accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "mean")
-        loss_value = loss_value.item()
-        window_losses = []
-        lr = lr_scheduler.get_last_lr()[0]
-        bar.step(loss_value, lr, images_per_step)
-        accelerator.log(
-            {"train/loss": loss_value, "train/lr": lr, "train/skipped": skipped}, step=global_step
-        )
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(
-                accelerator, args.output_dir, global_step, extra=export_to if args.save_pipeline_at_checkpoints else None
-            )
-        if args.validation_prompts and global_step % args.validation_steps == 0:
-            validate_at(global_step)
-        if global_step >= args.max_train_steps:
-            break
-    bar.close()
-
-    log_replica_checksum(accelerator, trained, global_step, skipped)
-    if args.validation_prompts and global_step % args.validation_steps:
-        validate_at(global_step)
     pipeline_dir = Path(args.output_dir) / PIPELINE_DIR
     if accelerator.is_main_process:
         export_to(args.output_dir)

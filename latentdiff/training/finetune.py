@@ -108,6 +108,12 @@ def check_pipeline_folder(path: str, flag: str = "--pretrained_model_name_or_pat
 def check_finetune_args(args: argparse.Namespace) -> None:
     """Raise for the flags of `add_finetune_args` that would fail later, naming flag, value and what is allowed."""
     check_pipeline_folder(args.pretrained_model_name_or_path)
+    check_loss_and_speed_args(args)
+    check_validation_args(args)
+
+
+def check_loss_and_speed_args(args: argparse.Namespace) -> None:
+    """Raise for the flags of `add_loss_and_speed_args` that would fail later."""
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.noise_offset < 0:
@@ -117,7 +123,6 @@ def check_finetune_args(args: argparse.Namespace) -> None:
             "--enable_xformers_memory_efficient_attention needs the xformers package (CUDA only), "
             "which is not installed: pip install xformers, or leave the flag out (PyTorch SDPA is used)"
         )
-    check_validation_args(args)
 
 
 # --- models ----------------------------------------------------------------------------------
