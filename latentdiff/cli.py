@@ -1,19 +1,25 @@
-"""The ``latentdiff`` command: ``demo``, ``generate``, ``eval`` and ``info``.
+"""The ``latentdiff`` command: ``demo``, ``generate``, ``eval``, ``info``, and the training scripts.
 
-Errors a user can fix (a wrong path, a bad option) end in one line on stderr and exit status 2.
+``train-vae``, ``train`` and ``finetune`` run ``training/train_vae.py``, ``training/train_ldm.py`` and
+``training/finetune_lora.py`` of this source checkout with every other argument passed on unchanged
+(``latentdiff train --help`` is the script's help). Errors a user can fix (a wrong path, a bad
+option) end in one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
+SCRIPT_ALIASES = {"train-vae": "train_vae.py", "train": "train_ldm.py", "finetune": "finetune_lora.py"}
 DEMO_VAE_STEPS = 1500
-DEMO_LDM_STEPS = 600
+DEMO_LDM_STEPS = 900
 DEMO_TRAIN_SAMPLES = 8000
 
 
@@ -60,18 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=positive_int, default=None)
     generate.add_argument("--out", default="latentdiff.png", help="PNG path: one image, or a grid when -n > 1")
 
-    evaluate = verbs.add_parser("eval", help="measure prompt adherence of a pipeline (shapes analyzer)")
+    evaluate = verbs.add_parser(
+        "eval", help="measure a pipeline against a dataset: FID/KID, shapes adherence or caption retrieval",
+        description="FID and KID against the dataset's held-out images (every dataset); prompt adherence on "
+                    "training and held-out prompts (shapes); caption retrieval (emoji and folders).",
+    )
     evaluate.add_argument("model_dir")
-    evaluate.add_argument("--dataset", default="shapes", help="shapes (emoji and folders: not yet)")
-    evaluate.add_argument("--num_prompts", type=positive_int, default=36)
-    evaluate.add_argument("--images_per_prompt", type=positive_int, default=2)
+    evaluate.add_argument("--dataset", default="shapes",
+                          help="shapes, emoji, or a folder of images with captions (metadata.jsonl or .txt files, "
+                               "a save_to_disk folder, parquet/arrow)")
+    evaluate.add_argument("--num_images", type=positive_int, default=128,
+                          help="images generated for FID/KID, from held-out captions (FID is biased at small "
+                               "counts: compare FIDs at the same count)")
+    evaluate.add_argument("--num_prompts", type=positive_int, default=36,
+                          help="prompts per split for shapes adherence; candidates per split for retrieval")
+    evaluate.add_argument("--images_per_prompt", type=positive_int, default=2, help="shapes adherence")
     evaluate.add_argument("--steps", type=positive_int, default=25)
     evaluate.add_argument("--guidance", type=float, default=7.5)
+    evaluate.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the pipeline's own")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    evaluate.add_argument("--feature_net", default=None, metavar="PATH",
+                          help="a local CLIP vision model folder (transformers, safetensors) for FID/KID and "
+                               "retrieval; default: the in-domain feature net, trained once on the dataset's "
+                               "training split and cached")
+    evaluate.add_argument("--feature_net_steps", type=positive_int, default=None,
+                          help="training steps of the in-domain feature net (default: 400 shapes, 150 others)")
+    evaluate.add_argument("--out", "--json", dest="out", default=None, help="also write the results to this JSON file")
 
     info = verbs.add_parser("info", help="describe a pipeline folder")
     info.add_argument("model_dir")
+
+    for verb, script in SCRIPT_ALIASES.items():  # parsed by the script itself: see main()
+        verbs.add_parser(verb, add_help=False, help=f"run training/{script} (its --help lists the options)")
     return parser
 
 
@@ -107,26 +133,99 @@ def run_demo(args) -> None:
         raise UsageError(f"a training stage failed (exit status {error.returncode}); see its output above") from error
 
 
-def run_eval(args) -> None:
-    from latentdiff.evaluation import shapes_adherence
+def check_eval_args(args) -> None:
+    """Everything that can be checked before loading a model and generating."""
+    from latentdiff.data.args import BUILTIN_DATASETS
+    from latentdiff.features import check_clip_path
 
-    if args.dataset != "shapes":
-        raise UsageError(f"--dataset {args.dataset}: only the shapes adherence evaluation exists so far")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UsageError(f"cannot write {args.out!r}: the folder {str(Path(args.out).parent)!r} does not exist")
+    if args.dataset not in BUILTIN_DATASETS and not Path(args.dataset).expanduser().exists():
+        raise UsageError(f"--dataset {args.dataset}: not {' or '.join(BUILTIN_DATASETS)}, and no such folder or file")
+    if args.feature_net:
+        try:
+            check_clip_path(args.feature_net)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"--feature_net {error}") from error
+
+
+def run_eval(args) -> None:
+    from latentdiff.evaluation import evaluate
+
+    check_eval_args(args)
     pipe = load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
-    settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
-    results = {
-        split: shapes_adherence(pipe, split, num_prompts=args.num_prompts, images_per_prompt=args.images_per_prompt,
-                                **settings)
-        for split in ("train", "held_out")
-    }
-    print(f"{'split':<9} {'images':>6} {'color':>6} {'shape':>6} {'size':>6} {'position':>8} {'color+shape':>11} {'all':>5}")
-    for split, r in results.items():
-        print(f"{split:<9} {r['images']:>6} {r['color']:>6.0%} {r['shape']:>6.0%} {r['size']:>6.0%} {r['position']:>8.0%} "
-              f"{r['color_and_shape']:>11.0%} {r['color_shape_position']:>5.0%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, **results}, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    try:
+        with progress_messages():
+            results = evaluate(
+                pipe, args.dataset, num_images=args.num_images, num_prompts=args.num_prompts,
+                images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                seed=args.seed, feature_net=args.feature_net, feature_net_steps=args.feature_net_steps,
+            )
+    except ValueError as error:  # data: nothing usable, a bad column, too few images for FID
+        raise UsageError(str(error)) from error
+    results["model"] = str(Path(args.model_dir).resolve())
+    print_results(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+@contextlib.contextmanager
+def progress_messages(logger_name: str = "latentdiff"):
+    """While it lasts, show the library's INFO messages on stderr: what is loaded or trained (the feature
+    net takes up to a minute the first time), and for how long."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def print_results(results: dict) -> None:
+    fid, kid = results["fid"], results["kid"]
+    print(f"{results['generated_images']} generated vs {results['real_images']} held-out real images of "
+          f"{results['dataset']} at {results['resolution']} px")
+    if "note" in results:
+        print(f"note: {results['note']}")
+    print(f"{fid['name']}: {fid['value']:.4g}")
+    print(f"{kid['name']}: {kid['mean']:.4g} ± {kid['std']:.2g} ({kid['subsets']} subsets of {kid['subset_size']})")
+    if "vae_round_trip" in results:
+        r = results["vae_round_trip"]
+        print(f"VAE round trip ({r['images']} held-out images, the ceiling of adherence): color {r['color']:.0%}  "
+              f"shape {r['shape']:.0%}  position {r['position']:.0%}  color+shape {r['color_and_shape']:.0%}")
+    if "adherence" in results:
+        print(f"{'split':<9} {'images':>6} {'color':>6} {'shape':>6} {'size':>6} {'position':>8} {'color+shape':>11} {'all':>5}")
+        for split, r in results["adherence"].items():
+            print(f"{split:<9} {r['images']:>6} {r['color']:>6.0%} {r['shape']:>6.0%} {r['size']:>6.0%} "
+                  f"{r['position']:>8.0%} {r['color_and_shape']:>11.0%} {r['color_shape_position']:>5.0%}")
+    if "retrieval" in results:
+        print(f"{'retrieval':<9} {'candidates':>10} {'top-1':>6} {'top-5':>6} {'chance top-1':>12} {'chance top-5':>12}")
+        for split, r in results["retrieval"].items():
+            if "skipped" in r:
+                print(f"{split:<9} {r['candidates']:>10}  skipped: {r['skipped']}")
+            else:
+                print(f"{split:<9} {r['candidates']:>10} {r['top1']:>6.0%} {r['top5']:>6.0%} "
+                      f"{r['chance_top1']:>12.1%} {r['chance_top5']:>12.1%}")
+
+
+def run_script(verb: str, script_args: list[str]) -> int:
+    """Run a training script with ``script_args`` unchanged; its exit status is ours."""
+    from latentdiff import demo
+
+    path = demo.SCRIPTS / SCRIPT_ALIASES[verb]
+    if not path.is_file():
+        raise UsageError(f"{path} not found: `latentdiff {verb}` runs the training scripts of a source checkout "
+                         "(pip install -e . from a clone of the repository)")
+    return subprocess.run([sys.executable, str(path), *script_args]).returncode
 
 
 def run_generate(args) -> None:
@@ -189,8 +288,14 @@ def run_info(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SCRIPT_ALIASES:  # before argparse, which would take the script's --help as ours
+        try:
+            return run_script(argv[0], argv[1:])
+        except UsageError as error:
+            print(f"latentdiff {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
     try:
         {"demo": run_demo, "generate": run_generate, "eval": run_eval, "info": run_info}[args.verb](args)
     except (UsageError, FileNotFoundError) as error:

@@ -1,13 +1,19 @@
 """The latentdiff command: what it writes, and one-line errors with exit status 2."""
 
+import inspect
 import json
 import subprocess
 import sys
 
 import PIL.Image
 import pytest
+import torch
+from test_evaluation import captioned_folder
 
-from latentdiff.cli import main
+from latentdiff import LatentDiffPipeline, demo
+from latentdiff.cli import SCRIPT_ALIASES, build_parser, main
+from latentdiff.data import shapes
+from latentdiff.evaluation import DEFAULT_NUM_PROMPTS, shapes_adherence
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +67,13 @@ def test_info_describes_components(pipeline_dir, capsys):
         (["generate", "{pipe}", "a cat", "--out", "{tmp}/no/such/dir/x.png"], "does not exist"),
         (["generate", "{pipe}", "a cat", "--height", "15"], "height=15"),
         (["info", "{tmp}"], "has no model_index.json"),
+        (["eval", "{tmp}"], "has no model_index.json"),
+        (["eval", "{pipe}", "--dataset", "{tmp}/no_such_data"], "no such folder"),
+        (["eval", "{pipe}", "--dataset", "{tmp}"], "no usable items"),
+        (["eval", "{pipe}", "--out", "{tmp}/no/such/dir/m.json"], "does not exist"),
+        (["eval", "{pipe}", "--num_images", "1"], "at least 2 real and 2 generated"),
+        (["eval", "{pipe}", "--feature_net", "{tmp}/clip.pt"], "pickle"),
+        (["eval", "{pipe}", "--feature_net", "{tmp}"], "config.json"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(pipeline_dir, tmp_path, capsys, argv, message):
@@ -71,8 +84,129 @@ def test_user_errors_are_one_line_with_status_2(pipeline_dir, tmp_path, capsys, 
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["eval", "x", "--steps", "0"], ["eval", "x", "--bogus"], ["eval"], ["paint"]])
+def test_bad_options_exit_2_with_one_error_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1
+
+
 @pytest.mark.parametrize("argv", [["paint"], ["generate", "x", "a cat", "--steps", "0"], ["demo", "--bogus"]])
 def test_bad_command_lines_exit_2_without_traceback(argv):
     result = subprocess.run([sys.executable, "-m", "latentdiff.cli", *argv], capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+# --- eval ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def cached(cache_home, monkeypatch):
+    """Feature nets and rendered data go to a cache shared by this module's tests, not the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+
+
+def test_eval_defaults_make_the_demos_adherence_call():
+    parser = build_parser()
+    evaluate, demo_args = parser.parse_args(["eval", "model"]), parser.parse_args(["demo"])
+    assert evaluate.num_prompts == DEFAULT_NUM_PROMPTS == len(shapes.HELD_OUT) * 2
+    assert evaluate.images_per_prompt == inspect.signature(shapes_adherence).parameters["images_per_prompt"].default
+    assert (evaluate.steps, evaluate.guidance, evaluate.seed) == (demo_args.steps, demo_args.guidance, demo_args.seed)
+    assert evaluate.scheduler is None  # the pipeline's own, as in the demo
+
+
+def test_eval_shapes_reproduces_the_demo_numbers(pipeline_dir, tmp_path, capsys, cached):
+    out = tmp_path / "metrics.json"
+    argv = ["eval", str(pipeline_dir), "--steps", "1", "--num_images", "8", "--feature_net_steps", "2", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["fid"]["name"] == "in-domain FID (latentdiff feature net trained on shapes)"
+    assert results["kid"]["name"] == "in-domain KID (latentdiff feature net trained on shapes)"
+    assert results["generated_images"] == 8 and results["real_images"] == 360 and results["resolution"] == 32
+    pipe = LatentDiffPipeline.from_pretrained(pipeline_dir)  # as latentdiff demo loads it
+    pipe.set_progress_bar_config(disable=True)
+    demo_numbers = {  # latentdiff/demo.py's call
+        split: shapes_adherence(pipe, split, num_prompts=len(shapes.HELD_OUT) * 2, num_inference_steps=1,
+                                guidance_scale=7.5, seed=0)
+        for split in ("train", "held_out")
+    }
+    assert results["adherence"] == demo_numbers
+    printed = capsys.readouterr().out
+    assert "in-domain FID (latentdiff feature net trained on shapes): " in printed and "held_out" in printed
+
+
+def test_eval_on_an_image_folder(pipeline_dir, tmp_path, capsys, cached):
+    folder = captioned_folder(tmp_path / "my_images")
+    out = tmp_path / "metrics.json"
+    argv = ["eval", str(pipeline_dir), "--dataset", str(folder), "--steps", "1", "--num_images", "6",
+            "--num_prompts", "5", "--feature_net_steps", "2", "--scheduler", "euler", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["fid"]["name"] == f"in-domain FID (latentdiff feature net trained on {folder})"
+    assert results["settings"]["scheduler"] == "EulerDiscreteScheduler" and "adherence" not in results
+    for split in ("train", "held_out"):
+        scores = results["retrieval"][split]
+        assert scores["candidates"] == 5 and scores["chance_top1"] == 0.2 and 0 <= scores["top1"] <= scores["top5"] <= 1
+    printed = capsys.readouterr().out
+    assert "retrieval" in printed and "chance top-1" in printed and "note:" in printed
+
+
+def test_eval_with_clip_features_by_path(pipeline_dir, tmp_path, capsys):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
+    folder = captioned_folder(tmp_path / "my_images")
+    argv = ["eval", str(pipeline_dir), "--dataset", str(folder), "--steps", "1", "--num_images", "4",
+            "--num_prompts", "3", "--feature_net", str(tmp_path / "clip")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"FID (CLIP ViT features from {tmp_path / 'clip'}): " in printed and "in-domain" not in printed
+
+
+# --- the training scripts' aliases -----------------------------------------------------------------
+
+
+def test_top_level_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(verb in out for verb in ["demo", "generate", "eval", "info", *SCRIPT_ALIASES])
+
+
+@pytest.mark.parametrize("verb", SCRIPT_ALIASES)
+def test_aliases_pass_every_argument_on(verb, tmp_path, monkeypatch, capfd):
+    for script in SCRIPT_ALIASES.values():  # stand-ins that print what they were given
+        (tmp_path / script).write_text(
+            "import json, os, sys\n"
+            "print(json.dumps([os.path.basename(__file__), *sys.argv[1:]]))\n"
+            "sys.exit(3 if '--fail' in sys.argv else 0)\n"
+        )
+    monkeypatch.setattr(demo, "SCRIPTS", tmp_path)
+    argv = ["--help", "--output_dir", "out dir", "--x=1", "positional", "-n", "2"]
+    assert main([verb, *argv]) == 0
+    assert json.loads(capfd.readouterr().out) == [SCRIPT_ALIASES[verb], *argv]
+    assert main([verb, "--fail"]) == 3  # the script's exit status is the command's
+
+
+def test_alias_help_is_the_scripts_help(capfd):
+    assert main(["train-vae", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "usage: train_vae.py" in out and "--vae_preset" in out
+
+
+def test_aliases_need_a_source_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SCRIPTS", tmp_path / "not_a_checkout")
+    assert main(["finetune", "--output_dir", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "source checkout" in err and err.startswith("latentdiff finetune: error:")

@@ -160,3 +160,31 @@ def test_shapes_splits_are_at_least_32_px_and_unknown_data_is_refused():
     assert splits["train"].resolution == 32 and splits["held_out"].name == "shapes/validation"
     with pytest.raises(FileNotFoundError, match="neither built in"):
         eval_splits("no_such_dataset", 32)
+
+
+class _PixelVAE:
+    """A stand-in autoencoder whose latents are the pixels, optionally with red and blue swapped."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __init__(self, swap_red_blue: bool = False):
+        self.swap = swap_red_blue
+
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=z[:, [2, 1, 0]] if self.swap else z)
+
+
+def test_vae_round_trip_is_perfect_for_a_lossless_vae_and_catches_a_color_shift():
+    from latentdiff.evaluation import shapes_vae_round_trip
+
+    perfect = shapes_vae_round_trip(_PixelVAE(), resolution=32, num_images=36)
+    assert perfect["images"] == 36 and perfect["color_and_shape"] == perfect["position"] == 1.0
+    swapped = shapes_vae_round_trip(_PixelVAE(swap_red_blue=True), resolution=32, num_images=36)
+    assert swapped["shape"] == 1.0 and swapped["color"] < 0.7  # red and blue trade places
