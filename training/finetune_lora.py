@@ -26,8 +26,7 @@ from latentdiff.pipelines import LatentDiffPipeline
 from latentdiff.data import add_data_args, build_dataloader, build_dataset
 from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
-    load_checkpoint,
-    resolve_resume,
+    resume_step,
 )
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.ema import make_ema
@@ -148,10 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
         cached=args.cache_latents,
     )
 
-    global_step = 0
-    resume = resolve_resume(args)
-    if resume is not None:
-        global_step = load_checkpoint(accelerator, resume)
+    global_step = resume_step(accelerator, args)
 
     def denoise(x_t, t, encoder_hidden_states):
         return unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -159,9 +155,8 @@ def main(argv: list[str] | None = None) -> Path:
     components = dict(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, noise_scheduler=noise_scheduler
     )
-    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     loop = TrainingLoop(
-        accelerator, args, global_step, images_per_step, optimizer, lr_scheduler, trained, emas, adapters,
+        accelerator, args, global_step, optimizer, lr_scheduler, trained, emas, adapters,
         validate=lambda step: validate(accelerator, args, step, components, args.resolution, emas, adapters),
     )  # fmt: skip
     for batch, generator in loop.batches(train_dataloader):

@@ -25,8 +25,7 @@ from latentdiff.pipelines import LatentDiffPipeline
 from latentdiff.data import build_dataloader
 from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
-    load_checkpoint,
-    resolve_resume,
+    resume_step,
 )
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.dreambooth import (
@@ -230,10 +229,7 @@ def main(argv: list[str] | None = None) -> Path:
         resolution=resolution,
     )
 
-    global_step = 0
-    resume = resolve_resume(args)
-    if resume is not None:
-        global_step = load_checkpoint(accelerator, resume)
+    global_step = resume_step(accelerator, args)
 
     def denoise(x_t, t, encoder_hidden_states):
         return unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -241,13 +237,11 @@ def main(argv: list[str] | None = None) -> Path:
     components = dict(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, noise_scheduler=noise_scheduler
     )
-    pairs = 2 if args.with_prior_preservation else 1
-    images_per_step = (
-        pairs * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    )
+    pairs = 2 if args.with_prior_preservation else 1  # an instance and a class image per item
     loop = TrainingLoop(
-        accelerator, args, global_step, images_per_step, optimizer, lr_scheduler, trained, emas, params,
+        accelerator, args, global_step, optimizer, lr_scheduler, trained, emas, params,
         validate=lambda step: validate(accelerator, args, step, components, resolution, emas, params),
+        images_per_batch=pairs * args.train_batch_size,
     )  # fmt: skip
     for batch, generator in loop.batches(train_dataloader):
         with accelerator.accumulate(*trained):

@@ -36,8 +36,7 @@ from latentdiff.presets import (
 from latentdiff.schedulers.schedule import BETA_SCHEDULES, PREDICTION_TYPES
 from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
-    load_checkpoint,
-    resolve_resume,
+    resume_step,
 )
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.ema import make_ema
@@ -273,10 +272,7 @@ def main(argv: list[str] | None = None) -> Path:
         cached=args.cache_latents,
     )
 
-    global_step = 0
-    resume = resolve_resume(args)
-    if resume is not None:
-        global_step = load_checkpoint(accelerator, resume)
+    global_step = resume_step(accelerator, args)
 
     def denoise(x_t, t, encoder_hidden_states):
         return unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
@@ -292,9 +288,8 @@ def main(argv: list[str] | None = None) -> Path:
         with averaged_weights(emas, [accelerator.unwrap_model(m) for m in trained]):
             return export_pipeline(build_pipeline(accelerator, **components), Path(folder) / PIPELINE_DIR)
 
-    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     loop = TrainingLoop(
-        accelerator, args, global_step, images_per_step, optimizer, lr_scheduler, trained, emas, trained,
+        accelerator, args, global_step, optimizer, lr_scheduler, trained, emas, trained,
         validate=validate_at, checkpoint_extra=export_to if args.save_pipeline_at_checkpoints else None,
     )  # fmt: skip
     for batch, generator in loop.batches(train_dataloader):

@@ -40,6 +40,7 @@ from latentdiff.training.metrics import psnr, ssim
 from latentdiff.training.progress import check_finite, log_images, progress_bar, save_image_grid
 from latentdiff.training.run import (
     count_parameters,
+    images_per_step,
     log_run_start,
     make_accelerator,
     make_lr_scheduler,
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     last_layer = accelerator.unwrap_model(model).vae.decoder.conv_out.weight
-    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    step_images = images_per_step(args, accelerator)
     bar = progress_bar(accelerator, args.max_train_steps, global_step)
     generator, skipped, start, steps_at_start = None, 0, time.perf_counter(), global_step
     out_of_time, metrics, metrics_step = False, None, None
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if ema is not None:
             ema.step(model.parameters())
         lr = lr_scheduler.get_last_lr()[0]
-        bar.step(logs["loss"], lr, images_per_step)
+        bar.step(logs["loss"], lr, step_images)
         accelerator.log({**{f"train/{k}": v for k, v in logs.items()}, "train/lr": lr}, step=global_step)
         if global_step % args.validation_steps == 0:
             with ema_weights(ema, model):
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             step=global_step,
             resolution=args.resolution,
             train_seconds=train_seconds,
-            images_per_second=trained * images_per_step / max(train_seconds, 1e-9),
+            images_per_second=trained * step_images / max(train_seconds, 1e-9),
             skipped_steps=skipped,
         )
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -17,16 +17,15 @@
 - ``finetune`` and ``validation``: model checks, latent/text inputs of a step, the optimizer step,
   validation grids and pipeline export shared by the text-to-image scripts.
 
-A script's loop, with exact resume (N steps, a kill, a resume to 2N give the weights of 2N in one go)::
+A text-to-image script's loop (``loop.TrainingLoop``), with exact resume (N steps, a kill, a resume
+to 2N give the weights of 2N in one go)::
 
-    global_step = load_checkpoint(accelerator, path) if (path := resolve_resume(args)) else 0
-    for batch in resumed_batches(accelerator, train_dataloader, args, global_step):
-        generator = step_generator(args.seed, batch_index, accelerator)  # noise, timesteps, dropout
-        with accelerator.accumulate(model):
+    loop = TrainingLoop(accelerator, args, resume_step(accelerator, args), optimizer, lr_scheduler,
+                        trained, emas, ema_targets, validate)
+    for batch, generator in loop.batches(train_dataloader):  # generator: noise, timesteps, dropout
+        with accelerator.accumulate(*trained):
             loss = ...
-            optimizer_step(...)  # check_finite, backward, clip, step
-        if accelerator.sync_gradients:
-            global_step += 1  # EMA, log, checkpoint, validate
-        if global_step >= args.max_train_steps:
-            break
+            loop.step(loss)  # check finite, backward, clip, step; then EMA, log, checkpoint, validate
+
+train_vae.py writes the same steps out, with its discriminator's second optimizer.
 """

@@ -107,6 +107,12 @@ def resolve_resume(args) -> Path | None:
     return path
 
 
+def resume_step(accelerator: Accelerator, args) -> int:
+    """The step to start from: that of the checkpoint --resume_from_checkpoint names, restored now, or 0."""
+    path = resolve_resume(args)
+    return 0 if path is None else load_checkpoint(accelerator, path)
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> int:
     """Restore everything save_checkpoint saved (models, optimizers, schedulers, EMA, RNG); return the global step."""
     path = Path(path)

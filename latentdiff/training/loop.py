@@ -1,6 +1,6 @@
 """The loop every training script shares, around the script's own loss.
 
-    loop = TrainingLoop(accelerator, args, global_step, images_per_step, optimizer, lr_scheduler, trained,
+    loop = TrainingLoop(accelerator, args, resume_step(accelerator, args), optimizer, lr_scheduler, trained,
                         emas, ema_targets, validate)
     for batch, generator in loop.batches(train_dataloader):
         with accelerator.accumulate(*trained):
@@ -27,7 +27,7 @@ from accelerate.logging import get_logger
 from latentdiff.training.checkpointing import resumed_batches, save_checkpoint
 from latentdiff.training.finetune import log_replica_checksum, optimizer_step
 from latentdiff.training.progress import progress_bar
-from latentdiff.training.run import step_generator
+from latentdiff.training.run import images_per_step, step_generator
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -38,7 +38,6 @@ class TrainingLoop:
         accelerator: Accelerator,
         args,
         global_step: int,
-        images_per_step: int,
         optimizer: torch.optim.Optimizer,
         lr_scheduler,
         trained: Sequence[torch.nn.Module],
@@ -46,9 +45,10 @@ class TrainingLoop:
         ema_targets: Sequence[torch.nn.Module] = (),
         validate: Callable[[int], object] | None = None,
         checkpoint_extra: Callable[[Path], object] | None = None,
+        images_per_batch: int | None = None,
     ):
         self.accelerator, self.args, self.global_step = accelerator, args, global_step
-        self.images_per_step, self.trained = images_per_step, trained
+        self.images_per_step, self.trained = images_per_step(args, accelerator, images_per_batch), trained
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.emas, self.ema_targets = emas, ema_targets
         self.validate, self.checkpoint_extra = validate, checkpoint_extra

@@ -132,13 +132,18 @@ def count_parameters(model: torch.nn.Module) -> str:
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M"
 
 
+def images_per_step(args, accelerator: Accelerator, per_batch: int | None = None) -> int:
+    """Images in one optimizer step: ``per_batch`` (default --train_batch_size) x accumulation x processes."""
+    per_batch = args.train_batch_size if per_batch is None else per_batch
+    return per_batch * args.gradient_accumulation_steps * accelerator.num_processes
+
+
 def log_run_start(accelerator: Accelerator, args, dataset_len: int, **extra) -> None:
     """Print the plan of the run (on the main process): data, batch arithmetic, steps, and any extra lines."""
-    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     lines = [
         f"examples: {dataset_len}",
         f"batch per process: {args.train_batch_size}, accumulation: {args.gradient_accumulation_steps}, "
-        f"processes: {accelerator.num_processes} -> {images_per_step} images per optimizer step",
+        f"processes: {accelerator.num_processes} -> {images_per_step(args, accelerator)} images per optimizer step",
         f"optimizer steps: {args.max_train_steps} ({args.num_train_epochs} epochs)",
         f"mixed precision: {accelerator.mixed_precision}, device: {accelerator.device}",
     ]
