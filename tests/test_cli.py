@@ -32,8 +32,26 @@ def test_demo_trains_samples_and_measures(tmp_path, capsys, monkeypatch):
     assert set(metrics["adherence"]) == {"train", "held_out"} and "psnr" in metrics["vae"]
     assert (out / "ldm" / "pipeline" / "model_index.json").is_file()
     assert "latentdiff generate" in capsys.readouterr().out
-    # the same command again resumes: both stages are complete, nothing retrains
+    # the same command again resumes: both stages are complete (their last steps checkpointed), nothing retrains
+    saved = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint-*/model*.safetensors")}
+    assert {p.relative_to(out).parts[0] for p in saved} == {"vae", "ldm"}
     assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint-*/model*.safetensors")} == saved
+
+
+def test_demo_length_in_steps_or_minutes():
+    def lengths(*argv):
+        return [dict(zip(flags[::2], flags[1::2], strict=True))
+                for flags in demo.stage_lengths(build_parser().parse_args(["demo", *argv]))]
+
+    from latentdiff.cli import DEMO_LDM_STEPS, DEMO_VAE_STEPS
+
+    assert lengths() == [{"--max_train_steps": str(DEMO_VAE_STEPS)}, {"--max_train_steps": str(DEMO_LDM_STEPS)}]
+    vae, ldm = lengths("--minutes", "40")  # a quarter for the VAE; time, not steps, ends each stage
+    assert (vae["--max_train_minutes"], ldm["--max_train_minutes"]) == ("10", "30")
+    assert int(vae["--max_train_steps"]) > 10**5 and int(ldm["--max_train_steps"]) > 10**5
+    vae, ldm = lengths("--minutes", "40", "--max_train_steps", "5000")  # a step count is then a cap
+    assert ldm == {"--max_train_steps": "5000", "--max_train_minutes": "30"}
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver++", "euler"])
@@ -84,7 +102,8 @@ def test_user_errors_are_one_line_with_status_2(pipeline_dir, tmp_path, capsys, 
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["eval", "x", "--steps", "0"], ["eval", "x", "--bogus"], ["eval"], ["paint"]])
+@pytest.mark.parametrize("argv", [["eval", "x", "--steps", "0"], ["eval", "x", "--bogus"], ["eval"], ["paint"],
+                                  ["demo", "--minutes", "0"]])
 def test_bad_options_exit_2_with_one_error_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -223,6 +223,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_time_budget_stops_checkpoints_the_last_step_and_holds_across_resumes(train_ldm, shared, tmp_path):
+    out = tmp_path / "run"
+
+    def argv(steps, minutes):
+        return flags(shared, out, "--max_train_steps", steps, "--checkpointing_steps", 20,
+                     "--max_train_minutes", minutes, "--resume_from_checkpoint", "latest")  # fmt: skip
+
+    run(train_ldm, argv(50, 0.05 / 60))  # 50 ms: spent by the first step
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [checkpoint.name]  # stopped by time, last step saved
+    state = json.loads((checkpoint / "latentdiff_state.json").read_text())
+    assert state["global_step"] == 1 and state["train_seconds"] >= 0.05
+    first = weights(checkpoint)
+
+    run(train_ldm, argv(50, 0.05 / 60))  # the same command again: the budget is spent, nothing more is trained
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [checkpoint.name]
+    assert all(torch.equal(v, first[k]) for k, v in weights(checkpoint).items())
+
+    run(train_ldm, argv(3, 10))  # a larger budget goes on from the saved last step, to the step count
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-3"]
+
+
 def test_two_processes_train_one_model(shared, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): both train, replicas agree, the step count is the
     optimizer's, and files are written once. (`--cpu --num_processes 2` starts one process only: accelerate's

@@ -31,6 +31,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max_train_steps", type=int, default=None, help="Optimizer steps; wins over --num_train_epochs."
     )
     g.add_argument("--num_train_epochs", type=int, default=None)
+    g.add_argument(
+        "--max_train_minutes",
+        type=float,
+        default=None,
+        help="Also stop after this much training time, summed over resumed runs (the last step is checkpointed; "
+        "a time-bounded run is not reproducible step for step).",
+    )
     g.add_argument("--learning_rate", type=float, default=1e-4)
     g.add_argument(
         "--scale_lr",
@@ -92,6 +99,8 @@ def check_common_args(args) -> None:
             raise ValueError(f"--{name} must be a positive integer, got {value!r}")
     if args.max_train_steps is None and args.num_train_epochs is None:
         raise ValueError("give --max_train_steps or --num_train_epochs: neither was set")
+    if args.max_train_minutes is not None and not args.max_train_minutes > 0:
+        raise ValueError(f"--max_train_minutes must be > 0, got {args.max_train_minutes!r}")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate!r}")
     if args.lr_warmup_steps < 0:

@@ -2,7 +2,7 @@
 
 Layout: `output_dir/checkpoints/checkpoint-{step}/` holds what `accelerator.save_state` writes
 (models, optimizers, LR schedulers, objects registered with `register_for_checkpointing` such as
-the EMA, RNG states) plus `latentdiff_state.json` ({"global_step": step}). A checkpoint is written
+the EMA, RNG states) plus `latentdiff_state.json` ({"global_step": step, "train_seconds": ...}). A checkpoint is written
 into `.tmp-checkpoint-{step}` and renamed when complete, so a kill during a save leaves a `.tmp-*`
 folder that is never taken for a checkpoint (and is removed by the next save), never a broken one.
 """
@@ -14,9 +14,11 @@ import logging
 import math
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
@@ -45,14 +47,19 @@ def find_checkpoint(output_dir: str | Path, name_or_path: str) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, extra: Callable[[Path], object] | None = None
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    extra: Callable[[Path], object] | None = None,
+    state: dict | None = None,
 ) -> Path:
     """Save the full training state as checkpoint-{step}, atomically; prune to the project's total_limit.
 
     Every process must call this (save_state gathers sharded state). The limit is
     `accelerator.project_configuration.total_limit` (`make_accelerator` sets it from
     --checkpoints_total_limit); the checkpoint just written is never pruned. ``extra(folder)`` runs on the
-    main process before the checkpoint is renamed into place, to write more into it (a pipeline folder).
+    main process before the checkpoint is renamed into place, to write more into it (a pipeline folder);
+    ``state`` is stored beside the step in its ``latentdiff_state.json`` (see :func:`checkpoint_state`).
     """
     root = Path(output_dir) / CHECKPOINTS_DIR
     tmp, final = root / f"{TMP_PREFIX}checkpoint-{step}", root / f"checkpoint-{step}"
@@ -66,7 +73,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if extra is not None:
             extra(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step}))
+        (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **(state or {})}))
         if final.exists():  # the same step saved again (e.g. a resumed run): swap, keeping a complete one on disk
             old = root / f"{TMP_PREFIX}old-checkpoint-{step}"
             final.rename(old)
@@ -113,12 +120,37 @@ def resume_step(accelerator: Accelerator, args) -> int:
     return 0 if path is None else load_checkpoint(accelerator, path)
 
 
+def checkpoint_state(path: str | Path | None) -> dict:
+    """A checkpoint's ``latentdiff_state.json`` ({} for None or a checkpoint without one)."""
+    state_file = Path(path) / STATE_FILE if path is not None else None
+    return json.loads(state_file.read_text()) if state_file is not None and state_file.is_file() else {}
+
+
+class TrainClock:
+    """Training time summed over a run and the runs it resumed (``train_seconds`` in each checkpoint's state),
+    so that ``--max_train_minutes`` budgets the whole training, however often it was killed and resumed."""
+
+    def __init__(self, accelerator: Accelerator, max_train_minutes: float | None, resumed_from: Path | None):
+        self.accelerator, self.max_train_minutes = accelerator, max_train_minutes
+        self.earlier = float(checkpoint_state(resumed_from).get("train_seconds", 0.0))
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        """Whether the budget is spent on any process (all processes get the same answer, so all stop together)."""
+        if self.max_train_minutes is None:
+            return False
+        elapsed = torch.tensor(self.seconds(), device=self.accelerator.device)
+        return self.accelerator.reduce(elapsed, "max").item() >= 60 * self.max_train_minutes
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> int:
     """Restore everything save_checkpoint saved (models, optimizers, schedulers, EMA, RNG); return the global step."""
     path = Path(path)
-    state_file = path / STATE_FILE
-    if state_file.is_file():
-        step = json.loads(state_file.read_text())["global_step"]
+    if (path / STATE_FILE).is_file():
+        step = checkpoint_state(path)["global_step"]
     elif m := _NAME.match(path.name):
         step = int(m.group(1))
     else:

@@ -11,8 +11,10 @@
 seeded by (seed, micro-batch, process) so a resumed run draws what an unbroken one would, and after
 each optimizer step does the bookkeeping: EMA, the loss averaged over the accumulation window and
 the processes, the progress bar and logs, checkpoints (``checkpoint_extra`` writes more into each)
-and validation. It stops after ``--max_train_steps``, validates the last step if that was not a
-validation step, and logs a checksum of the trained weights per process (replicas must agree).
+and validation. It stops after ``--max_train_steps`` or ``--max_train_minutes`` (training time summed
+over resumed runs), checkpoints and validates the last step if that was not a regular one (so a
+rerun of a finished run has nothing left to do), and logs a checksum of the trained weights per
+process (replicas must agree).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from latentdiff.training.checkpointing import resumed_batches, save_checkpoint
+from latentdiff.training.checkpointing import TrainClock, resolve_resume, resumed_batches, save_checkpoint
 from latentdiff.training.finetune import log_replica_checksum, optimizer_step
 from latentdiff.training.progress import progress_bar
 from latentdiff.training.run import images_per_step, step_generator
@@ -57,19 +59,26 @@ class TrainingLoop:
     def batches(self, dataloader) -> Iterator[tuple[dict, torch.Generator]]:
         """(batch, generator) per micro-batch, from the resumed position to --max_train_steps."""
         accelerator, args = self.accelerator, self.args
+        # nothing has been saved since the scripts resumed, so this is the checkpoint they resumed from
+        self.clock = TrainClock(accelerator, getattr(args, "max_train_minutes", None), resolve_resume(args))
         bar = progress_bar(accelerator, args.max_train_steps, self.global_step)
-        for batch in resumed_batches(accelerator, dataloader, args, self.global_step):
+        first_step = self.global_step
+        batches = () if self.clock.out_of_time() else resumed_batches(accelerator, dataloader, args, self.global_step)
+        for batch in batches:
             batch_index = self.global_step * args.gradient_accumulation_steps + self.micro_step
             yield batch, step_generator(args.seed, batch_index, accelerator)
             if not accelerator.sync_gradients:
                 self.micro_step += 1
                 continue
             self._end_of_step(bar)
-            if self.global_step >= args.max_train_steps:
+            if self.global_step >= args.max_train_steps or self.clock.out_of_time():
                 break
         bar.close()
+        trained_now = self.global_step > first_step
+        if trained_now and self.global_step % args.checkpointing_steps:
+            self._save_checkpoint()
         log_replica_checksum(accelerator, self.trained, self.global_step, self.skipped)
-        if self._validating() and self.global_step % args.validation_steps:
+        if trained_now and self._validating() and self.global_step % args.validation_steps:
             self.validate(self.global_step)
 
     def step(self, loss: torch.Tensor) -> None:
@@ -80,6 +89,10 @@ class TrainingLoop:
         else:
             self.skipped += 1
             logger.warning(f"step {self.global_step + 1}: non-finite loss, batch skipped ({self.skipped} so far)")
+
+    def _save_checkpoint(self) -> None:
+        save_checkpoint(self.accelerator, self.args.output_dir, self.global_step, extra=self.checkpoint_extra,
+                        state={"train_seconds": self.clock.seconds()})
 
     def _validating(self) -> bool:
         return self.validate is not None and bool(getattr(self.args, "validation_prompts", None))
@@ -96,6 +109,6 @@ class TrainingLoop:
         bar.step(loss, lr, self.images_per_step)
         accelerator.log({"train/loss": loss, "train/lr": lr, "train/skipped": self.skipped}, step=self.global_step)
         if self.global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, self.global_step, extra=self.checkpoint_extra)
+            self._save_checkpoint()
         if self._validating() and self.global_step % args.validation_steps == 0:
             self.validate(self.global_step)
