@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
     check_models(vae, text_encoder, unet, args.resolution)
 
     vae.requires_grad_(False).eval().to(accelerator.device)
+    text_encoder.requires_grad_(False)  # frozen, but for its adapters with --train_text_encoder
     add_lora_adapters(
         args, unet, text_encoder if args.train_text_encoder else None, weight_dtype(accelerator)
     )

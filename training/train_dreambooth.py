@@ -170,12 +170,11 @@ def main(argv: list[str] | None = None) -> Path:
         )  # fmt: skip
 
     vae.requires_grad_(False).eval().to(accelerator.device)
+    text_encoder.requires_grad_(args.train_text_encoder)  # with --use_lora: adapters only (add_lora)
     if args.use_lora:
         add_lora_adapters(
             args, unet, text_encoder if args.train_text_encoder else None, weight_dtype(accelerator)
         )
-    else:  # fp32 master weights under accelerate's autocast
-        text_encoder.requires_grad_(args.train_text_encoder)
     text_encoder.train(args.train_text_encoder).to(accelerator.device)
     unet.train().to(accelerator.device)
     if args.gradient_checkpointing:
