@@ -1,8 +1,10 @@
 """The shapes dataset: deterministic, held-out combinations never in train, analyzer >= 99%."""
 
+import itertools
+
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from latentdiff.data import shapes
 from latentdiff.data.shapes import HELD_OUT, ShapesDataset, analyze, caption, render_shape
@@ -77,3 +79,20 @@ def test_analyzer_on_arrays_blank_images_and_nominal_renders():
                                          ("yellow", "circle", "small", "center")]:
         image = np.asarray(render_shape(color, shape, size, position, 32)).astype(np.float32) / 255
         assert analyze(image) == dict(color=color, shape=shape, size=size, position=position)
+
+
+def test_outlined_shapes_are_read_as_hollow():
+    combinations = itertools.product(shapes.COLORS, shapes.SHAPES, shapes.POSITIONS)
+    for seed, (color, shape, position) in enumerate(combinations):  # 162 jittered layouts, each filled and hollow
+        filled = render_shape(color, shape, "large", position, 32, rng=np.random.default_rng(seed))
+        hollow = render_shape(color, shape, "large", position, 32, rng=np.random.default_rng(seed), outline=2)
+        assert shapes.is_hollow(filled) is False and shapes.is_hollow(hollow) is True
+        seen = analyze(hollow)
+        assert (seen["color"], seen["position"]) == (color, position)
+    assert shapes.is_hollow(Image.new("RGB", (32, 32), "white")) is None
+    broken = render_shape("red", "circle", "large", "center", 32, outline=2)
+    ImageDraw.Draw(broken).rectangle((16, 0, 31, 31), fill="white")  # a C: empty centroid, no closed ring
+    assert shapes.is_hollow(broken) is False
+    assert shapes.is_hollow(render_shape("red", "square", "large", "center", 64, outline=2)) is True
+    with pytest.raises(ValueError, match="outline must be a positive width"):
+        render_shape("red", "circle", "large", "center", 32, outline=0)

@@ -19,7 +19,8 @@ only apart. The train split has ``TRAIN_SIZE`` = 20,000 items, each rendered on 
 ``(seed, index)``; the validation split has 18 combinations x 2 sizes x 10 = 360.
 
 :func:`analyze` reads color, shape, size and position back from any image (PIL or HxWx3
-array), for judging generated images.
+array), for judging generated images. ``render_shape(..., outline=2)`` draws a shape hollow, a
+style the dataset never shows (for fine-tuning to a new style); :func:`is_hollow` reads it back.
 """
 
 from __future__ import annotations
@@ -124,33 +125,44 @@ def _supersample(resolution: int) -> int:
     return max(1, min(4, 512 // resolution))
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, extent: float, fill) -> None:
-    """Draw ``shape`` with its centroid at (x, y) px and the given extent in px."""
+def _draw(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, extent: float, fill,
+          width: int | None = None) -> None:
+    """Draw ``shape`` with its centroid at (x, y) px and the given extent in px; filled, or with
+    ``width`` only its outline, that many px wide inside the boundary."""
     half_width, up, down = _extents(shape, extent)
+    paint = dict(fill=fill) if width is None else dict(outline=fill, width=width)
     if shape == "circle":
-        draw.ellipse((x - half_width, y - up, x + half_width, y + down), fill=fill)
+        draw.ellipse((x - half_width, y - up, x + half_width, y + down), **paint)
     elif shape == "square":
-        draw.rectangle((x - half_width, y - up, x + half_width, y + down), fill=fill)
+        draw.rectangle((x - half_width, y - up, x + half_width, y + down), **paint)
     else:
-        draw.polygon([(x, y - up), (x + half_width, y + down), (x - half_width, y + down)], fill=fill)
+        draw.polygon([(x, y - up), (x + half_width, y + down), (x - half_width, y + down)], **paint)
 
 
-def _raster(resolution: int, mode: str, background, shape: str, x: float, y: float, extent: float, fill) -> Image.Image:
+def _raster(resolution: int, mode: str, background, shape: str, x: float, y: float, extent: float, fill,
+            outline: float | None = None) -> Image.Image:
     """Draw at ``s`` times the resolution and box-filter down: exact area coverage at the edges."""
     s = _supersample(resolution)
     canvas = Image.new(mode, (resolution * s, resolution * s), background)
+    width = None if outline is None else max(1, round(outline * s))
     # pixel centers sit at half-integers: shift so that geometry in image units maps exactly
-    _draw(ImageDraw.Draw(canvas), shape, x * s - 0.5, y * s - 0.5, extent * s, fill)
+    _draw(ImageDraw.Draw(canvas), shape, x * s - 0.5, y * s - 0.5, extent * s, fill, width)
     return canvas.reduce(s) if s > 1 else canvas
 
 
 def render_shape(color: str, shape: str, size: str, position: str, resolution: int = 32,
-                 rng: np.random.Generator | None = None) -> Image.Image:
-    """One shape on white; exactly in its cell's center at its nominal size unless ``rng`` jitters it."""
+                 rng: np.random.Generator | None = None, outline: float | None = None) -> Image.Image:
+    """One shape on white; exactly in its cell's center at its nominal size unless ``rng`` jitters it.
+
+    ``outline``: draw the shape hollow, only its outline, this many px wide (inside the shape's boundary),
+    a style the dataset never shows (at 32 px, 2 px leaves a hole in large shapes; small triangles fill up).
+    """
     _check(color, shape, size, position, resolution)
+    if outline is not None and not outline > 0:
+        raise ValueError(f"outline must be a positive width in px (or None for a filled shape), got {outline}")
     x, y, extent = _layout(shape, size, position, rng)
     return _raster(resolution, "RGB", (255, 255, 255), shape, x * resolution, y * resolution,
-                   extent * resolution, COLORS[color])
+                   extent * resolution, COLORS[color], outline)
 
 
 class ShapesDataset(CaptionedImageDataset):
@@ -195,6 +207,7 @@ class ShapesDataset(CaptionedImageDataset):
 
 _NOISE_FLOOR = 0.15  # coverage below this is background noise
 _MIN_AREA = 0.004  # a shape covers at least this fraction of the image (a small triangle ~1.5%)
+_RING_SECTORS = 8  # a hollow shape's outline leaves no gap wider than 360 / 8 degrees around its centroid
 
 
 def _coverage(rgb: np.ndarray) -> np.ndarray:
@@ -202,6 +215,24 @@ def _coverage(rgb: np.ndarray) -> np.ndarray:
     and white has none; then the noise floor is cut off so that faint noise counts for nothing."""
     cover = 1.0 - rgb.min(axis=2)
     return np.clip((cover - _NOISE_FLOOR) / (1 - 2 * _NOISE_FLOOR), 0.0, 1.0)
+
+
+def _as_rgb(image, caller: str) -> np.ndarray:
+    """A PIL image or an (H, W, 3) array (uint8, or float in [0, 1]) as a float (H, W, 3) array in [0, 1]."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    rgb = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] != rgb.shape[1]:
+        raise ValueError(f"{caller} expects a square RGB image, got an array of shape {rgb.shape}")
+    return rgb
+
+
+def _centroid(mask: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) in px of the painted area's centroid, or ``None`` when too little is painted to be a shape."""
+    area = mask.sum()
+    if area < _MIN_AREA * mask.size:
+        return None
+    ys, xs = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]] + 0.5
+    return (mask * xs).sum() / area, (mask * ys).sum() / area
 
 
 def analyze(image) -> dict:
@@ -213,18 +244,15 @@ def analyze(image) -> dict:
     that centroid with the measured area; size compares the fitted extent with the midpoint
     of the two sizes. With no shape (a blank image) every field is ``None``.
     """
-    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    rgb = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+    rgb = _as_rgb(image, "analyze")
     height, width = rgb.shape[:2]
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or height != width:
-        raise ValueError(f"analyze expects a square RGB image, got an array of shape {rgb.shape}")
     mask = _coverage(rgb)
     area = mask.sum()
-    if area < _MIN_AREA * height * width:
+    centroid = _centroid(mask)
+    if centroid is None:
         return dict(color=None, shape=None, size=None, position=None)
 
-    ys, xs = np.mgrid[0:height, 0:width] + 0.5
-    x, y = (mask * xs).sum() / area, (mask * ys).sum() / area
+    x, y = centroid
     position = POSITIONS[3 * min(int(3 * y / height), 2) + min(int(3 * x / width), 2)]
 
     painted = mask > 0.5
@@ -243,3 +271,32 @@ def analyze(image) -> dict:
     shape = max(scores, key=lambda s: scores[s][0])
     size = "small" if scores[shape][1] / width < _SIZE_THRESHOLD else "large"
     return dict(color=color, shape=shape, size=size, position=position)
+
+
+def is_hollow(image) -> bool | None:
+    """Whether the one shape in ``image`` is drawn hollow (``render_shape(..., outline=)``) rather than filled.
+
+    Hollow: less than half paint at the painted area's centroid (interpolated between the four nearest
+    pixels; every shape is convex, so a filled one is painted there) inside a closed ring of paint (a pixel
+    more than half paint in each of ``_RING_SECTORS`` equal angular sectors around the centroid), so that a
+    broken, C-shaped blob does not count. ``None`` with no shape (a blank image, as for :func:`analyze`).
+    At 32 px a 2 px outline leaves a hole in large shapes only.
+    """
+    mask = _coverage(_as_rgb(image, "is_hollow"))
+    centroid = _centroid(mask)
+    if centroid is None or not (mask > 0.5).any():
+        return None
+    height, width = mask.shape
+    x = min(max(centroid[0] - 0.5, 0.0), width - 1.0)  # pixel (i, j) has its center at (j + 0.5, i + 0.5)
+    y = min(max(centroid[1] - 0.5, 0.0), height - 1.0)
+    j, i = min(int(x), width - 2), min(int(y), height - 2)
+    dx, dy = x - j, y - i
+    center = ((1 - dy) * ((1 - dx) * mask[i, j] + dx * mask[i, j + 1])
+              + dy * ((1 - dx) * mask[i + 1, j] + dx * mask[i + 1, j + 1]))  # fmt: skip
+
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    dxs, dys = xs - centroid[0], ys - centroid[1]
+    around = (mask > 0.5) & (np.hypot(dxs, dys) > 0.5)
+    angles = np.arctan2(dys[around], dxs[around]) % (2 * math.pi)
+    sectors = np.unique((angles // (2 * math.pi / _RING_SECTORS)).astype(int) % _RING_SECTORS)
+    return bool(center < 0.5 and len(sectors) == _RING_SECTORS)
