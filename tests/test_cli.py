@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def pipeline_dir(tiny_pipeline_dir):
     return tiny_pipeline_dir
 
 
-def test_demo_trains_samples_and_measures(tmp_path, capsys, monkeypatch):
+def test_demo_trains_samples_and_measures(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     argv = ["demo", "--output_dir", str(tmp_path / "demo"), "--preset", "tiny", "--vae_steps", "2",
             "--max_train_steps", "2", "--max_train_samples", "64", "--steps", "2", "--seeds", "2"]
@@ -31,7 +32,10 @@ def test_demo_trains_samples_and_measures(tmp_path, capsys, monkeypatch):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["adherence"]) == {"train", "held_out"} and "psnr" in metrics["vae"]
     assert (out / "ldm" / "pipeline" / "model_index.json").is_file()
-    assert "latentdiff generate" in capsys.readouterr().out
+    out_text = capfd.readouterr().out  # the training scripts' output too (subprocesses)
+    assert "latentdiff generate" in out_text
+    # the text-to-image stage keeps the text encoder frozen (its states cached with the latents)
+    assert re.search(r"text_encoder: 0\.00M trainable of [\d.]+M \(frozen\)", out_text)
     # the same command again resumes: both stages are complete (their last steps checkpointed), nothing retrains
     saved = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint-*/model*.safetensors")}
     assert {p.relative_to(out).parts[0] for p in saved} == {"vae", "ldm"}
@@ -47,11 +51,11 @@ def test_demo_length_in_steps_or_minutes():
     from latentdiff.cli import DEMO_LDM_STEPS, DEMO_VAE_STEPS
 
     assert lengths() == [{"--max_train_steps": str(DEMO_VAE_STEPS)}, {"--max_train_steps": str(DEMO_LDM_STEPS)}]
-    vae, ldm = lengths("--minutes", "40")  # a quarter for the VAE; time, not steps, ends each stage
-    assert (vae["--max_train_minutes"], ldm["--max_train_minutes"]) == ("10", "30")
+    vae, ldm = lengths("--minutes", "40")  # three tenths for the VAE; time, not steps, ends each stage
+    assert (vae["--max_train_minutes"], ldm["--max_train_minutes"]) == ("12", "28")
     assert int(vae["--max_train_steps"]) > 10**5 and int(ldm["--max_train_steps"]) > 10**5
     vae, ldm = lengths("--minutes", "40", "--max_train_steps", "5000")  # a step count is then a cap
-    assert ldm == {"--max_train_steps": "5000", "--max_train_minutes": "30"}
+    assert ldm == {"--max_train_steps": "5000", "--max_train_minutes": "28"}
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver++", "euler"])
