@@ -201,6 +201,8 @@ def progress_messages(logger_name: str = "latentdiff"):
 
 
 def print_results(results: dict) -> None:
+    from latentdiff.evaluation import format_by_color
+
     fid, kid = results["fid"], results["kid"]
     print(f"{results['generated_images']} generated vs {results['real_images']} held-out real images of "
           f"{results['dataset']} at {results['resolution']} px")
@@ -212,11 +214,14 @@ def print_results(results: dict) -> None:
         r = results["vae_round_trip"]
         print(f"VAE round trip ({r['images']} held-out images, the ceiling of adherence): color {r['color']:.0%}  "
               f"shape {r['shape']:.0%}  position {r['position']:.0%}  color+shape {r['color_and_shape']:.0%}")
+        print(f"  color by name: {format_by_color(r['color_by_name'])}")
     if "adherence" in results:
         print(f"{'split':<9} {'images':>6} {'color':>6} {'shape':>6} {'size':>6} {'position':>8} {'color+shape':>11} {'all':>5}")
         for split, r in results["adherence"].items():
             print(f"{split:<9} {r['images']:>6} {r['color']:>6.0%} {r['shape']:>6.0%} {r['size']:>6.0%} "
                   f"{r['position']:>8.0%} {r['color_and_shape']:>11.0%} {r['color_shape_position']:>5.0%}")
+        for split, r in results["adherence"].items():
+            print(f"{split} color by name: {format_by_color(r['color_by_name'])}")
     if "retrieval" in results:
         print(f"{'retrieval':<9} {'candidates':>10} {'top-1':>6} {'top-5':>6} {'chance top-1':>12} {'chance top-5':>12}")
         for split, r in results["retrieval"].items():

@@ -87,6 +87,7 @@ def shapes_adherence(
     seeds = [seed + i for i in range(len(targets))]  # prompt i, image j: seed + i * images_per_prompt + j
     images = generate(pipe, [t["prompt"] for t in targets], seeds, num_inference_steps, guidance_scale, batch_size)
     hits = {key: 0 for key in (*ATTRIBUTES, "color_and_shape", "color_shape_position")}
+    color_hits = []
     for target, image in zip(targets, images, strict=True):
         seen = shapes.analyze(image)
         ok = {a: seen.get(a) == target[a] for a in ATTRIBUTES}
@@ -94,7 +95,24 @@ def shapes_adherence(
             hits[a] += ok[a]
         hits["color_and_shape"] += ok["color"] and ok["shape"]
         hits["color_shape_position"] += ok["color"] and ok["shape"] and ok["position"]
-    return {"split": split, "images": len(targets), **{k: v / len(targets) for k, v in hits.items()}}
+        color_hits.append((target["color"], ok["color"]))
+    return {"split": split, "images": len(targets), **{k: v / len(targets) for k, v in hits.items()},
+            "color_by_name": by_color(color_hits)}
+
+
+def by_color(hits: list[tuple[str, bool]]) -> dict:
+    """``{color: fraction of its images whose color was read right}`` for the palette's colors that occur:
+    which color a model or a VAE loses, where the overall color score only says that one is lost."""
+    counts = {name: [0, 0] for name in shapes.COLORS}
+    for name, ok in hits:
+        counts[name][0] += ok
+        counts[name][1] += 1
+    return {name: right / total for name, (right, total) in counts.items() if total}
+
+
+def format_by_color(fractions: dict) -> str:
+    """ "red 100%  orange 83%  ..." """
+    return "  ".join(f"{name} {fraction:.0%}" for name, fraction in fractions.items())
 
 
 @torch.no_grad()
@@ -105,6 +123,7 @@ def shapes_vae_round_trip(vae, resolution: int, num_images: int = 216, batch_siz
     data = shapes.ShapesDataset(resolution=resolution, split="validation")
     indices = range(min(num_images, len(data)))
     hits = {key: 0 for key in (*ATTRIBUTES, "color_and_shape")}
+    color_hits = []
     device, dtype = vae.device, vae.dtype
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start : start + batch_size])
@@ -116,7 +135,8 @@ def shapes_vae_round_trip(vae, resolution: int, num_images: int = 216, batch_siz
             for a in ATTRIBUTES:
                 hits[a] += ok[a]
             hits["color_and_shape"] += ok["color"] and ok["shape"]
-    return {"images": len(indices), **{k: v / len(indices) for k, v in hits.items()}}
+            color_hits.append((target["color"], ok["color"]))
+    return {"images": len(indices), **{k: v / len(indices) for k, v in hits.items()}, "color_by_name": by_color(color_hits)}
 
 
 # --- data and features -------------------------------------------------------------------------

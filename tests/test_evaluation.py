@@ -61,6 +61,8 @@ def test_a_model_that_ignores_the_prompt_scores_by_chance():
     expected = sum(t["color"] == "red" and t["shape"] == "circle" for t in prompts) / 60
     assert scores["color_and_shape"] == pytest.approx(expected)
     assert scores["color_and_shape"] < 0.2
+    # only the prompts that ask for red get their color, and each prompted color is listed
+    assert scores["color_by_name"] == {name: float(name == "red") for name in {t["color"] for t in prompts}}
 
 
 def test_a_blank_image_matches_nothing():
@@ -188,3 +190,6 @@ def test_vae_round_trip_is_perfect_for_a_lossless_vae_and_catches_a_color_shift(
     assert perfect["images"] == 36 and perfect["color_and_shape"] == perfect["position"] == 1.0
     swapped = shapes_vae_round_trip(_PixelVAE(swap_red_blue=True), resolution=32, num_images=36)
     assert swapped["shape"] == 1.0 and swapped["color"] < 0.7  # red and blue trade places
+    assert perfect["color_by_name"] == {name: 1.0 for name in shapes.COLORS}
+    assert swapped["color_by_name"]["red"] == swapped["color_by_name"]["blue"] == 0.0
+    assert swapped["color_by_name"]["green"] == swapped["color_by_name"]["purple"] == 1.0  # unchanged by the swap
