@@ -27,7 +27,7 @@ VAE=${VAE:-$W/vae}
 if [ ! -f "$VAE/vae/config.json" ]; then
   # shellcheck disable=SC2086
   python training/train_vae.py --output_dir "$VAE" --dataset_name shapes --resolution 32 --seed 0 \
-    --max_train_samples 8000 --max_train_steps "${VAE_STEPS:-1500}" --report_to none --data_cache_dir "$W/cache" \
+    --max_train_samples 8000 --max_train_steps "${VAE_STEPS:-1500}" --learning_rate 1e-3 --report_to none --data_cache_dir "$W/cache" \
     $EMA_FLAG > "$W/vae.log" 2>&1 || { tail -20 "$W/vae.log"; exit 1; }
 fi
 first=1
