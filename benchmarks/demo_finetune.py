@@ -202,10 +202,11 @@ def run_training(name: str, script: str, run_dir: Path, flags: list[str]) -> dic
     return {"wall_seconds": wall, "train_seconds": state.get("train_seconds")}
 
 
-def adapter_size(lora_dir: Path) -> dict:
-    path = lora_dir / LORA_WEIGHT_NAME
-    return {"bytes": path.stat().st_size, "parameters": sum(t.numel() for t in load_file(path).values()),
-            "path": str(path)}  # fmt: skip
+def weights_size(files: list[Path]) -> dict:
+    """Bytes and parameter count of the trained weights: a LoRA file, or the safetensors of fine-tuned models."""
+    return {"bytes": sum(f.stat().st_size for f in files),
+            "parameters": sum(t.numel() for f in files for t in load_file(f).values()),
+            "path": ", ".join(map(str, files))}  # fmt: skip
 
 
 # --- (a) LoRA to a new style -------------------------------------------------------------------
@@ -267,7 +268,7 @@ def part_lora(args, settings: dict, results: Path) -> dict:
         "style": f"hollow {STYLE_SIZE} shapes, {OUTLINE_PX:g} px outlines, captions in the base grammar",
         "training": {"images": args.style_images, "steps": args.lora_steps, "batch_size": args.lora_batch,
                      "rank": args.lora_rank, "learning_rate": args.lora_lr, **timing},
-        "adapter": adapter_size(run_dir / LORA_DIR),
+        "adapter": weights_size([run_dir / LORA_DIR / LORA_WEIGHT_NAME]),
         "vae_round_trip_ceiling": ceiling,
         "before": before,
         "after": after,
@@ -333,15 +334,11 @@ def part_dreambooth(args, settings: dict, results: Path) -> dict:
     ])  # fmt: skip
     if args.dreambooth_full:
         pipe = load_base(str(run_dir / PIPELINE_DIR))
-        trained = [run_dir / PIPELINE_DIR / "unet"] + (
-            [run_dir / PIPELINE_DIR / "text_encoder"] if args.dreambooth_train_text_encoder else [])
-        adapter = {"bytes": sum(f.stat().st_size for d in trained for f in d.glob("*.safetensors")),
-                   "parameters": sum(t.numel() for d in trained for f in d.glob("*.safetensors")
-                                     for t in load_file(f).values()),
-                   "path": ", ".join(map(str, trained))}  # fmt: skip
+        trained = ["unet"] + (["text_encoder"] if args.dreambooth_train_text_encoder else [])
+        adapter = weights_size([f for name in trained for f in sorted((run_dir / PIPELINE_DIR / name).glob("*.safetensors"))])
     else:
         pipe.load_lora_weights(str(run_dir / LORA_DIR))
-        adapter = adapter_size(run_dir / LORA_DIR)
+        adapter = weights_size([run_dir / LORA_DIR / LORA_WEIGHT_NAME])
     after = subject_scores(pipe, args, settings)
     grids["after"] = grid(pipe, grids["prompts"], args.grid_seeds, settings, beside(results, "dreambooth_after.png"))
     return {

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
+from latentdiff.data import shapes
 from latentdiff.evaluation import format_by_color, shapes_vae_round_trip
 
 ROOT = Path(__file__).resolve().parents[1]
-HELD_OUT_IMAGES = 360
 
 
 def train(run_dir: Path, learning_rate: str, seed: int, steps: int, threads: int, cache_dir: str) -> None:
@@ -51,7 +51,8 @@ def measure(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {
         "psnr": metrics["psnr"], "steps": metrics["step"], "train_seconds": metrics["train_seconds"],
-        "round_trip": shapes_vae_round_trip(vae, resolution=32, num_images=HELD_OUT_IMAGES),
+        # every held-out image (360)
+        "round_trip": shapes_vae_round_trip(vae, 32, num_images=len(shapes.ShapesDataset(resolution=32, split="validation"))),
     }
 
 
