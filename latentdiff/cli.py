@@ -18,7 +18,7 @@ from pathlib import Path
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
 SCRIPT_ALIASES = {"train-vae": "train_vae.py", "train": "train_ldm.py", "finetune": "finetune_lora.py"}
-DEMO_VAE_STEPS, DEMO_LDM_STEPS = 1500, 900  # 4.3 + 10.5 minutes of training on 2 cores (0.17 s, 0.7 s a step)
+DEMO_VAE_STEPS, DEMO_LDM_STEPS = 1500, 900  # 4.0-4.7 + 9.1-10.8 minutes of training on 2 cores (measured)
 DEMO_TRAIN_SAMPLES = 8000
 
 
