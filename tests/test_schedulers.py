@@ -12,6 +12,7 @@ TOL = 1e-5
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
 SPACINGS = ["leading", "trailing", "linspace"]
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
+VARIANCE_TYPES = ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"]
 SD1_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.6.0",
@@ -60,9 +61,13 @@ def sample_loop(scheduler, num_inference_steps, seed=0, **step_kwargs):
     return torch.stack(prev_samples), torch.stack(pred_originals)
 
 
-def assert_same_loop(ours, theirs, num_inference_steps=10, **step_kwargs):
+def assert_same_loop(ours, theirs, num_inference_steps=10, theirs_noises_last_step=False, **step_kwargs):
     ours_prev, ours_x0 = sample_loop(ours, num_inference_steps, **step_kwargs)
     theirs_prev, theirs_x0 = sample_loop(theirs, num_inference_steps, **step_kwargs)
+    if theirs_noises_last_step:
+        # Past the last step alpha_bar_{t_prev} = 1, so the noiseless last step of Alg. 2 returns that
+        # step's x_0 estimate (eq. 7's coefficients are exactly 1 and 0); diffusers adds its noise to it.
+        theirs_prev[-1] = theirs_x0[-1]
     assert torch.equal(ours.timesteps, theirs.timesteps)
     assert torch.isfinite(ours_prev).all()
     assert (ours_prev - theirs_prev).abs().max() <= TOL
@@ -86,9 +91,7 @@ def test_ddim_loop_matches_diffusers(prediction_type, timestep_spacing, beta_sch
     assert_same_loop(DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg), eta=eta)
 
 
-@pytest.mark.parametrize(
-    "variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"]
-)
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
 @pytest.mark.parametrize("beta_schedule", SCHEDULES)
 @pytest.mark.parametrize("timestep_spacing", SPACINGS)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -103,7 +106,16 @@ def test_ddpm_loop_matches_diffusers(prediction_type, timestep_spacing, beta_sch
     # to be the same standard deviation as "fixed_large", which is what we compare with.
     reference_variance = "fixed_large" if variance_type == "fixed_large_log" else variance_type
     ours = DDPMScheduler(variance_type=variance_type, **cfg)
-    assert_same_loop(ours, diffusers.DDPMScheduler(variance_type=reference_variance, **cfg))
+    # diffusers 0.42 adds noise on every step whose t > 0, so also on trailing spacing's last step
+    # (t = 99), where Ho et al. Alg. 2 sets z = 0 and we do. With "fixed_small" its sigma there is
+    # sqrt(1e-20), within TOL, so the whole loop still matches; with "fixed_large" it is sqrt(beta_t)
+    # across the stride (0.17-0.32 here), and the last step is compared without diffusers' noise.
+    theirs_noises_last_step = timestep_spacing == "trailing" and variance_type.startswith("fixed_large")
+    assert_same_loop(
+        ours,
+        diffusers.DDPMScheduler(variance_type=reference_variance, **cfg),
+        theirs_noises_last_step=theirs_noises_last_step,
+    )
 
 
 @pytest.mark.parametrize(
@@ -165,11 +177,17 @@ def test_stable_diffusion_config_matches_diffusers(num_inference_steps):
         diffusers.DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG),
     )
     assert_same_loop(ours, theirs, num_inference_steps, eta=0.0)
-    ours, theirs = (
-        DDPMScheduler.from_config(SD1_SCHEDULER_CONFIG),
-        diffusers.DDPMScheduler.from_config(SD1_SCHEDULER_CONFIG),
-    )
-    assert_same_loop(ours, theirs, num_inference_steps)
+    # steps_offset=1 ends at t = 1, where diffusers' DDPM still adds noise (see
+    # test_ddpm_loop_matches_diffusers): sqrt(1e-20) with "fixed_small", sqrt(1 - alpha_bar_1) with
+    # "fixed_large", whose last step is then compared without it.
+    for variance_type in ("fixed_small", "fixed_large"):
+        ours, theirs = (
+            DDPMScheduler.from_config(SD1_SCHEDULER_CONFIG, variance_type=variance_type),
+            diffusers.DDPMScheduler.from_config(SD1_SCHEDULER_CONFIG, variance_type=variance_type),
+        )
+        assert_same_loop(
+            ours, theirs, num_inference_steps, theirs_noises_last_step=variance_type == "fixed_large"
+        )
 
 
 @pytest.mark.parametrize("timestep_spacing", SPACINGS)
@@ -241,11 +259,39 @@ def test_ddpm_step_with_true_noise_is_posterior_mean_plus_noise(num_inference_st
         x_t = scheduler.add_noise(x0, noise, t)
         out = scheduler.step(noise, t, x_t, generator=torch.Generator().manual_seed(7))
         torch.testing.assert_close(out.pred_original_sample, x0, atol=2e-4, rtol=1e-4)
-        z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7)) if t > 0 else 0
+        last_step = scheduler.previous_timestep(t) < 0
+        z = 0 if last_step else torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
         mean = out.prev_sample - scheduler.posterior_variance(t) ** 0.5 * z
         torch.testing.assert_close(mean, scheduler.posterior_mean(x0, x_t, t), atol=1e-4, rtol=1e-4)
     assert scheduler.posterior_variance(scheduler.timesteps[-1]) == 0  # the last step ends at x_0
     torch.testing.assert_close(out.prev_sample, x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variance_type", VARIANCE_TYPES)
+@pytest.mark.parametrize("timestep_spacing, steps_offset", [("trailing", 0), ("leading", 1)])
+def test_ddpm_last_step_is_noiseless_when_it_starts_above_t0(timestep_spacing, steps_offset, variance_type):
+    """Ho et al. Alg. 2 line 3 sets z = 0 on the last step, also where the schedule's last timestep is
+    above 0 (trailing spacing ends at t = T / N - 1, leading with steps_offset=1 at t = 1)."""
+    scheduler = DDPMScheduler(
+        variance_type=variance_type,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
+        clip_sample=False,
+    )
+    scheduler.set_timesteps(10)
+    sample = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    first, last = scheduler.timesteps[0], scheduler.timesteps[-1]
+    assert last > 0
+
+    def step(t, seed):
+        model_output = fake_model(sample, t, scheduler)
+        return scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(seed))
+
+    assert not torch.equal(step(first, 1).prev_sample, step(first, 2).prev_sample)
+    out = step(last, 1)
+    assert torch.equal(out.prev_sample, step(last, 2).prev_sample)
+    # alpha_bar_{t_prev} = 1 past the last step, so the posterior mean (eq. 7) is the x_0 estimate itself
+    assert torch.equal(out.prev_sample, out.pred_original_sample)
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)

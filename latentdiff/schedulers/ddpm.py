@@ -75,7 +75,11 @@ class DDPMScheduler(NoiseSchedule, SchedulerMixin, ConfigMixin):
         )
         prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
 
-        if timestep > 0:  # Alg. 2 line 3: z = 0 at the last step
+        # Alg. 2 line 3: z = 0 on the last step (t = 1 in the paper's 1-based t). The last step is the
+        # one that leaves the chain (t_prev < 0, alpha_bar_{t_prev} = 1), not the one at t = 0: trailing
+        # spacing ends at t = T / N - 1 and leading with steps_offset=1 at t = 1, and their last step
+        # too must return the mean, which there is the x_0 estimate. diffusers tests t > 0 instead.
+        if self.previous_timestep(timestep) >= 0:
             variance_noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
@@ -91,7 +95,7 @@ class DDPMScheduler(NoiseSchedule, SchedulerMixin, ConfigMixin):
             variance = 1 - alpha_prod_t / alpha_prod_t_prev  # beta_t across the stride
         else:
             variance = self._posterior_variance(alpha_prod_t, alpha_prod_t_prev)
-        # beta~ is 0 when the step ends at t_prev = -1; clamped so that its log stays finite.
+        # Floored as diffusers does, so that a variance that rounds to 0 keeps a finite log.
         variance = variance.clamp(min=1e-20)
         if self.config.variance_type.endswith("_log"):
             return torch.exp(0.5 * torch.log(variance))
