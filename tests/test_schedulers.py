@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from latentdiff import LatentDiffPipeline
 from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
 
 SHAPE = (2, 4, 8, 8)
@@ -197,9 +198,16 @@ def test_timesteps_match_diffusers(timestep_spacing, steps_offset):
     theirs = diffusers.DDPMScheduler(timestep_spacing=timestep_spacing, steps_offset=steps_offset)
     assert torch.equal(ours.timesteps, theirs.timesteps)
     for n in [1, 2, 3, 7, 10, 25, 48, 50, 61, 100, 999, 1000]:
-        ours.set_timesteps(n)
         theirs.set_timesteps(n)
-        assert len(ours.timesteps) == n and ours.timesteps.min() >= 0
+        if timestep_spacing == "leading" and steps_offset == 1 and n == 1000:
+            # diffusers starts at timestep 1000, one past its alphas_cumprod: its first step fails
+            # with an IndexError; ours refuses in set_timesteps.
+            assert theirs.timesteps.max() == 1000
+            with pytest.raises(ValueError, match="num_inference_steps=1000"):
+                ours.set_timesteps(n)
+            continue
+        ours.set_timesteps(n)
+        assert len(ours.timesteps) == n and ours.timesteps.min() >= 0 and ours.timesteps.max() <= 999
         # diffusers' trailing arange overshoots by one for some n (61 of 1000 ends at timestep -1)
         assert torch.equal(ours.timesteps, theirs.timesteps[:n]), n
         if n <= 100:
@@ -461,3 +469,77 @@ def test_bad_config_fails_at_construction(scheduler_cls, argument, value, allowe
 def test_bad_num_inference_steps(num_inference_steps):
     with pytest.raises(ValueError, match=f"num_inference_steps={num_inference_steps} must be between 1 and"):
         DDIMScheduler().set_timesteps(num_inference_steps)
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, DDIMScheduler])
+def test_leading_offset_past_the_last_timestep_fails_in_set_timesteps(scheduler_cls):
+    """leading with steps_offset=1 and N = T would start at timestep T, one past alphas_cumprod."""
+    scheduler = scheduler_cls(num_train_timesteps=20, timestep_spacing="leading", steps_offset=1)
+    with pytest.raises(ValueError) as error:
+        scheduler.set_timesteps(20)
+    message = str(error.value)
+    for named in [
+        "num_inference_steps=20",
+        "timestep_spacing='leading'",
+        "steps_offset=1",
+        "the largest num_inference_steps that fits is 19",
+    ]:
+        assert named in message, named
+    scheduler.set_timesteps(19)
+    assert scheduler.timesteps.max() == 19
+
+
+def test_pipeline_rejects_leading_offset_past_the_last_timestep(tiny_pipeline):
+    """The pipeline's own check (1 <= N <= T) lets N = T through; set_timesteps stops it before any step."""
+    scheduler = DDIMScheduler(num_train_timesteps=20, timestep_spacing="leading", steps_offset=1)
+    pipe = LatentDiffPipeline(**{**tiny_pipeline.components, "scheduler": scheduler})
+
+    def no_denoising(module, args):
+        raise AssertionError("the UNet ran before num_inference_steps was refused")
+
+    hook = pipe.unet.register_forward_pre_hook(no_denoising)
+    try:
+        with pytest.raises(ValueError, match="num_inference_steps=20 with timestep_spacing='leading'"):
+            pipe("a red square", num_inference_steps=20, output_type="latent")
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize(
+    "timestep_spacing, steps_offset",
+    [("leading", 0), ("trailing", 0), ("trailing", 1), ("linspace", 0), ("linspace", 1)],
+)
+def test_as_many_inference_steps_as_training_steps(scheduler_cls, timestep_spacing, steps_offset):
+    """N = T visits every trained timestep once; steps_offset only shifts "leading" (as in diffusers)."""
+    scheduler = scheduler_cls(
+        num_train_timesteps=20,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
+        clip_sample=False,
+    )
+    prev_samples, _ = sample_loop(scheduler, 20)
+    assert torch.equal(scheduler.timesteps, torch.arange(19, -1, -1))
+    assert torch.isfinite(prev_samples).all()
+
+
+@pytest.mark.parametrize("timestep_spacing", SPACINGS)
+@pytest.mark.parametrize("steps_offset", [0, 1, 2])
+def test_set_timesteps_stays_in_the_table_or_fails(timestep_spacing, steps_offset):
+    T = 20
+    scheduler = DDIMScheduler(
+        num_train_timesteps=T, timestep_spacing=timestep_spacing, steps_offset=steps_offset
+    )
+    refused = []
+    for n in range(1, T + 1):
+        try:
+            scheduler.set_timesteps(n)
+        except ValueError as error:
+            assert f"num_inference_steps={n}" in str(error)
+            refused.append(n)
+            continue
+        assert len(scheduler.timesteps) == n
+        assert 0 <= scheduler.timesteps.min() and scheduler.timesteps.max() <= T - 1
+    # leading's first timestep is (N - 1) (T // N) + steps_offset
+    expected = {1: [20], 2: [10, 19, 20]}.get(steps_offset, []) if timestep_spacing == "leading" else []
+    assert refused == expected

@@ -138,10 +138,27 @@ class NoiseSchedule(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} must be between 1 and num_train_timesteps={T}"
             )
+        spacing, steps_offset = self.config.timestep_spacing, self.config.steps_offset
+        timesteps = inference_timesteps(T, num_inference_steps, spacing, steps_offset)
+        # "leading" adds steps_offset after the stride, so its first timestep is (N - 1) (T // N) +
+        # steps_offset, which can pass T - 1, the last row of alphas_cumprod (SD 1.x's steps_offset=1 at
+        # N = T starts at T). diffusers lets it through to an IndexError in the first step.
+        if timesteps.max() > T - 1:
+            # Not a bound: from steps_offset=2 on some smaller N fail too (T = 20, offset 2: 18 fits, 10 not).
+            fitting = [
+                n for n in range(1, T + 1) if inference_timesteps(T, n, spacing, steps_offset).max() < T
+            ]
+            allowed = (
+                f"the largest num_inference_steps that fits is {max(fitting)}"
+                if fitting
+                else "no num_inference_steps fits while steps_offset >= num_train_timesteps"
+            )
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} with timestep_spacing={spacing!r} and "
+                f"steps_offset={steps_offset} starts at timestep {timesteps.max()}, past the last trained "
+                f"timestep {T - 1} (num_train_timesteps={T}); {allowed}"
+            )
         self.num_inference_steps = num_inference_steps
-        timesteps = inference_timesteps(
-            T, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset
-        )
         self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def previous_timestep(self, timestep):
