@@ -214,6 +214,4 @@ def test_lpips_and_gan_terms_train(tmp_path):
     )
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-2"
-    assert (checkpoint / "model_1.safetensors").is_file() and (
-        checkpoint / "optimizer_1.bin"
-    ).is_file()  # D and its Adam
+    assert (checkpoint / "model_1.safetensors").is_file()  # D; its Adam is a param group of optimizer.bin

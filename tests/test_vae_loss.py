@@ -49,7 +49,7 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms():
     last_layer = torch.nn.Parameter(torch.randn(3, 4))
     a, b = torch.randn(3, 4), torch.randn(3, 4)
     rec_loss, gan_loss = (last_layer * a).sum(), (last_layer * b).sum()  # gradients a and b
-    weight = adaptive_weight(rec_loss, gan_loss, last_layer, delta=1e-4)
+    weight = adaptive_weight(rec_loss, gan_loss, last_layer, 1, delta=1e-4)
     torch.testing.assert_close(weight, a.norm() / (b.norm() + 1e-4))
     assert not weight.requires_grad
 
@@ -147,3 +147,35 @@ def test_psnr_and_ssim_on_known_inputs():
     assert psnr(x + noise, x).mean().item() == pytest.approx(10 * math.log10(4 / 0.01), abs=0.3)
     assert 0 < ssim(x + noise, x).mean() < 1
     assert ssim(-x, x).mean() < ssim(x + noise, x).mean()
+
+
+def test_adaptive_weight_clamp_is_compvis_in_our_per_pixel_units():
+    """CompVis clamps λ to 1e4 on a loss summed over the D pixel values; ours is their loss / D, so λ / D."""
+    last_layer = torch.ones(3, requires_grad=True)
+    num_pixel_values = 3 * 32 * 32
+    rec = (last_layer * 1e3).sum()  # a reconstruction gradient far larger than the GAN's
+    gan = (last_layer * 1e-6).sum()
+    weight = adaptive_weight(rec, gan, last_layer, num_pixel_values)
+    assert weight.item() == pytest.approx(1e4 / num_pixel_values)
+    unclamped = adaptive_weight(rec / 1e9, gan, last_layer, num_pixel_values)
+    root3 = 3**0.5  # both gradients are constant over the 3 weights
+    assert unclamped.item() == pytest.approx(1e3 / 1e9 * root3 / (1e-6 * root3 + 1e-4), rel=1e-4)
+
+
+def test_adaptive_weight_takes_scaled_gradients_through_a_half_precision_layer():
+    """fp16: the per-pixel reconstruction gradient through a half-precision decoder underflows to 0 unscaled
+    (λ = 0: the GAN term vanishes); taken of the loss times fp16's loss scale, λ matches fp32's."""
+    torch.manual_seed(0)
+    x = torch.randn(4096)
+    last_layer = torch.nn.Parameter(torch.ones(4096))
+
+    def losses(weight, dtype):
+        out = (weight.to(dtype) * x.to(dtype)).float()  # the decoder's last op in `dtype`
+        return (out - 1).abs().mean() * 1e-4, -out.mean()  # tiny per-pixel gradients, as at 256 px
+
+    reference = adaptive_weight(*losses(last_layer, torch.float32), last_layer, 1)
+    assert reference > 0
+    underflowed = adaptive_weight(*losses(last_layer, torch.float16), last_layer, 1)
+    assert underflowed.item() == 0.0
+    scaled = adaptive_weight(*losses(last_layer, torch.float16), last_layer, 1, grad_scale=2.0**16)
+    assert scaled.item() == pytest.approx(reference.item(), rel=1e-2)

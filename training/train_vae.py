@@ -37,8 +37,9 @@ from latentdiff.training.checkpointing import (
     save_checkpoint,
 )
 from latentdiff.training.ema import ema_weights, make_ema
+from latentdiff.training.finetune import optimizer_step
 from latentdiff.training.metrics import psnr, ssim
-from latentdiff.training.progress import check_finite, log_images, progress_bar, save_image_grid
+from latentdiff.training.progress import log_images, progress_bar, save_image_grid
 from latentdiff.training.run import (
     count_parameters,
     images_per_step,
@@ -228,15 +229,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model = Reconstruction(vae)
     optimizer = make_optimizer(args, model.parameters())
-    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator)
-    model, optimizer, lr_scheduler, val_dataloader = accelerator.prepare(model, optimizer, lr_scheduler, val_dataloader)
-    loss_fn = VAELoss(loss_config).to(accelerator.device)
     disc = None
     if loss_config.disc_weight > 0:
         disc = PatchDiscriminator(channels=args.disc_channels, num_layers=args.disc_layers)
-        # taming / CompVis: Adam(0.5, 0.9) for the discriminator, at the autoencoder's learning rate
-        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=optimizer.param_groups[0]["lr"], betas=(0.5, 0.9))
-        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+        # taming / CompVis: Adam(0.5, 0.9) without weight decay for the discriminator, at the autoencoder's
+        # learning rate. A param group of the one optimizer, not a second optimizer: fp16's loss scaler is
+        # then unscaled once and updated once per step (accelerate updates it inside every optimizer's
+        # step and unscales all of them for a clip, which double-unscaled the discriminator's gradients).
+        # It follows the LR schedule with the autoencoder.
+        optimizer.add_param_group({"params": list(disc.parameters()), "betas": (0.5, 0.9), "weight_decay": 0.0})
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator)
+    model, optimizer, lr_scheduler, val_dataloader = accelerator.prepare(model, optimizer, lr_scheduler, val_dataloader)
+    if disc is not None:
+        disc = accelerator.prepare(disc)
+    loss_fn = VAELoss(loss_config).to(accelerator.device)
     ema = make_ema(args, model) if args.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -261,22 +267,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             generator = generator or step_generator(args.seed, global_step, accelerator)
             x_rec, mean, logvar = model(x, generator)
             logits_fake = discriminate_frozen(accelerator, disc, x_rec) if gan_active else None
-            loss, logs = loss_fn(x, x_rec, mean, logvar, logits_fake, last_layer)
-            if check_finite(loss, global_step, args.nan_policy):
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if gan_active:
-                    d_loss = hinge_d_loss(disc(x.detach()), disc(x_rec.detach()))
-                    accelerator.backward(d_loss)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad()
-                    logs["d_loss"] = d_loss.item()
-            else:  # --nan_policy skip: no update from this batch; the schedule moves on with the step count
+            grad_scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+            loss, logs = loss_fn(x, x_rec, mean, logvar, logits_fake, last_layer, grad_scale)
+            if gan_active:
+                # the two losses reach disjoint weights (D is frozen in `loss`, x_rec detached here): one backward
+                d_loss = hinge_d_loss(disc(x.detach()), disc(x_rec.detach()))
+                loss, logs["d_loss"] = loss + d_loss, d_loss.item()
+            if not optimizer_step(accelerator, loss, optimizer, lr_scheduler, args, global_step + 1):
                 skipped += 1
-            lr_scheduler.step()
-            optimizer.zero_grad()
         if not accelerator.sync_gradients:
             continue
         global_step += 1

@@ -235,17 +235,20 @@ def optimizer_step(
     accelerator: Accelerator, loss: torch.Tensor, optimizer, lr_scheduler, args, step: int
 ) -> bool:
     """Backward, clip (when gradients sync), step and zero the gradients; False, and no update, for a
-    non-finite loss under --nan_policy skip. Checked before backward: a NaN never reaches the weights."""
-    if not check_finite(loss, step, args.nan_policy):
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    accelerator.backward(loss)
-    if accelerator.sync_gradients and args.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
-    optimizer.step()
+    non-finite loss under --nan_policy skip. Checked before backward: a NaN never reaches the weights.
+
+    Only the first param group is clipped (the model's; train_vae's discriminator is the second). The
+    LR schedule steps on a skipped batch too: the learning rate stays a function of the step count.
+    """
+    finite = check_finite(loss, step, args.nan_policy)
+    if finite:
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
+        optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return True
+    return finite
 
 
 @contextmanager

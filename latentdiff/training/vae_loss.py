@@ -30,15 +30,27 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(
-    rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, delta: float = 1e-4, max_weight: float = 1e4
+    rec_loss: torch.Tensor,
+    gan_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    num_pixel_values: int,
+    grad_scale: float = 1.0,
+    delta: float = 1e-4,
+    max_weight: float = 1e4,
 ) -> torch.Tensor:
     """λ = ‖∇_{G_L} L_rec‖ / (‖∇_{G_L} L_GAN‖ + δ) at the decoder's last layer G_L (Esser et al. 2021, eq. 7).
 
     Balances the two gradients where they meet the image; clamped and detached as in taming/CompVis.
+    Our L_rec is CompVis' divided by the D = ``num_pixel_values`` of an image (module docstring) and
+    L_GAN is theirs, so our λ is theirs / D: so is the clamp (theirs: λ ≤ 1e4; δ = 1e-4 is unchanged,
+    it is added to L_GAN's gradient). Under fp16 the gradients run through a half-precision decoder:
+    taken of the losses times the loss scale ``grad_scale`` (the ratio does not change), they do not
+    underflow to zero as L_rec's does at 256 px.
     """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (rec_grad.norm() / (gan_grad.norm() + delta)).clamp(0.0, max_weight).detach()
+    rec_grad = torch.autograd.grad(rec_loss * grad_scale, last_layer, retain_graph=True)[0].float()
+    gan_grad = torch.autograd.grad(gan_loss * grad_scale, last_layer, retain_graph=True)[0].float()
+    weight = rec_grad.norm() / (gan_grad.norm() + delta * grad_scale)
+    return weight.clamp(0.0, max_weight / num_pixel_values).detach()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -145,11 +157,13 @@ class VAELoss(nn.Module):
         logvar: torch.Tensor,
         logits_fake: torch.Tensor | None = None,
         last_layer: torch.Tensor | None = None,
+        grad_scale: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, logs) for images and reconstructions (B, 3, H, W) in [-1, 1] and the posterior's (B, C, h, w) mean, logvar.
 
         Pass the discriminator's logits on the reconstructions and the decoder's last weight to add
-        the adaptive GAN term (during training, when `gan_active`).
+        the adaptive GAN term (during training, when `gan_active`); ``grad_scale`` is fp16's loss
+        scale (``accelerator.scaler.get_scale()``), 1 otherwise.
         """
         c = self.config
         with torch.autocast(device_type=inputs.device.type, enabled=False):
@@ -165,7 +179,7 @@ class VAELoss(nn.Module):
             logs.update(rec=rec.item(), kl=kl.item())
             if logits_fake is not None:
                 g_loss = hinge_g_loss(logits_fake)
-                d_weight = adaptive_weight(rec, g_loss, last_layer) * c.disc_weight
+                d_weight = adaptive_weight(rec, g_loss, last_layer, x[0].numel(), grad_scale) * c.disc_weight
                 loss = loss + d_weight * g_loss
                 logs.update(g_loss=g_loss.item(), d_weight=d_weight.item())
         logs["loss"] = loss.item()
