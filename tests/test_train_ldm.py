@@ -217,6 +217,27 @@ def test_exact_resume_after_kill(train_ldm, shared, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_latest_resumes_from_the_newest_intact_checkpoint(train_ldm, shared, tmp_path, caplog):
+    """checkpoint-4's weights truncated: `latest` warns, resumes from checkpoint-2 and trains to step 4 again;
+    the damaged one is set aside, not deleted. Named by path, it is one clear error before any training."""
+    out = tmp_path / "run"
+    argv = flags(shared, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    run(train_ldm, argv)
+    weights_file = out / "checkpoints" / "checkpoint-4" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
+
+    named = [*argv[:-1], str(out / "checkpoints" / "checkpoint-4")]
+    with pytest.raises(ValueError, match=r"the checkpoint is damaged \(model.safetensors has 1000 bytes"):
+        run(train_ldm, named)
+    with caplog.at_level("WARNING", logger="latentdiff"):
+        run(train_ldm, argv)
+    assert "skipping damaged checkpoint" in caplog.text and "set aside the newer checkpoint" in caplog.text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "abandoned-checkpoint-4", "checkpoint-2", "checkpoint-4"
+    ]  # fmt: skip
+    assert weights(out / "checkpoints" / "checkpoint-4")  # whole again
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
+    MANIFEST_FILE,
     batches_to_skip,
     list_checkpoints,
     load_checkpoint,
@@ -16,6 +17,7 @@ from latentdiff.training.checkpointing import (
     save_checkpoint,
 )
 from latentdiff.training.ema import ema_weights, make_ema
+from latentdiff.training.finetune import optimizer_step
 from latentdiff.training.progress import check_finite, save_image_grid
 from latentdiff.training.run import (
     RUN_FILE,
@@ -164,6 +166,74 @@ def test_lr_schedule_counts_optimizer_steps_under_accumulation(tmp_path):
             lrs.append(lr_scheduler.get_last_lr()[0])
     # warmup over 4 optimizer steps to 1.0, then linear decay to 0 at step 8
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("policy_loss", [1.0, float("nan")])
+def test_a_skipped_step_moves_the_lr_schedule_as_a_trained_one(tmp_path, policy_loss):
+    """Both loops (train_vae and the text-to-image one) step through ``optimizer_step``: the learning rate
+    is a function of the step count, whether or not a batch was skipped for a non-finite loss."""
+    args = parse(tmp_path, "--max_train_steps", "4", "--learning_rate", "1.0", "--lr_scheduler", "linear",
+                 "--lr_warmup_steps", "0", "--nan_policy", "skip")  # fmt: skip
+    accelerator = make_accelerator(args, "test")
+    model = torch.nn.Linear(1, 1)
+    optimizer = make_optimizer(args, model.parameters())
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    before = model.weight.detach().clone()
+    with accelerator.accumulate(model):
+        loss = model(torch.ones(1, 1)).sum() * policy_loss
+        trained = optimizer_step(accelerator, loss, optimizer, lr_scheduler, args, step=1)
+    assert trained == (policy_loss == 1.0)
+    assert torch.equal(model.weight, before) != trained
+    assert lr_scheduler.get_last_lr()[0] == pytest.approx(0.75)
+
+
+def saved_run(tmp_path, steps):
+    args = parse(tmp_path, "--max_train_steps", "10")
+    accelerator = make_accelerator(args, "test")
+    model = accelerator.prepare(torch.nn.Linear(3, 2))
+    for step in steps:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        save_checkpoint(accelerator, args.output_dir, step)
+    return args, accelerator, model, tmp_path / "run" / "checkpoints"
+
+
+def test_a_damaged_checkpoint_is_passed_over_by_latest_and_refused_by_name(tmp_path, caplog):
+    args, accelerator, model, root = saved_run(tmp_path, (5, 10))
+    manifest = json.loads((root / "checkpoint-10" / MANIFEST_FILE).read_text())["sizes"]
+    assert manifest["model.safetensors"] == (root / "checkpoint-10" / "model.safetensors").stat().st_size
+    weights = root / "checkpoint-10" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated copy
+
+    args.resume_from_checkpoint = "latest"
+    with caplog.at_level("WARNING", logger="latentdiff"):
+        assert resolve_resume(args) == root / "checkpoint-5"
+    assert "skipping damaged checkpoint" in caplog.text and "checkpoint-10" in caplog.text
+    assert "model.safetensors has" in caplog.text
+    for value in ("checkpoint-10", str(root / "checkpoint-10")):
+        args.resume_from_checkpoint = value
+        with pytest.raises(ValueError, match=r"checkpoint-10'?: the checkpoint is damaged \(model.safetensors has \d+ bytes"):
+            resolve_resume(args)
+    (root / "checkpoint-5" / "model.safetensors").unlink()
+    args.resume_from_checkpoint = "latest"
+    assert resolve_resume(args) is None  # nothing intact: a fresh start, both named in warnings
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, caplog):
+    args, accelerator, model, root = saved_run(tmp_path, (5, 10, 15))
+    with caplog.at_level("WARNING", logger="latentdiff"):
+        assert load_checkpoint(accelerator, root / "checkpoint-5") == 5
+    assert model.weight.eq(5).all()
+    assert sorted(p.name for p in root.iterdir()) == ["abandoned-checkpoint-10", "abandoned-checkpoint-15", "checkpoint-5"]
+    assert "set aside the newer checkpoint" in caplog.text
+    args.resume_from_checkpoint = "latest"
+    assert resolve_resume(args) == root / "checkpoint-5"
+    save_checkpoint(accelerator, args.output_dir, 10)  # the new branch, then an old branch's resume again
+    assert load_checkpoint(accelerator, root / "checkpoint-5") == 5
+    assert sorted(p.name for p in root.iterdir()) == [
+        "abandoned-checkpoint-10", "abandoned-checkpoint-10.1", "abandoned-checkpoint-15", "checkpoint-5"
+    ]  # fmt: skip
 
 
 def test_resolve_train_steps(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.training.checkpointing import find_checkpoint
+from latentdiff.training.checkpointing import find_checkpoint, resolve_resume
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -117,9 +117,11 @@ def check_common_args(args) -> None:
             "--mixed_precision fp16 needs a CUDA GPU and this machine has none: use bf16 (CPU autocast) or no"
         )
     resume = args.resume_from_checkpoint
-    if resume and resume != "latest" and find_checkpoint(args.output_dir, resume) is None:
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {resume!r} does not exist (neither as a path nor as "
-            f"{str(Path(args.output_dir) / 'checkpoints' / resume)!r}); give a checkpoint folder or 'latest'"
-        )
+    if resume and resume != "latest":
+        if find_checkpoint(args.output_dir, resume) is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {resume!r} does not exist (neither as a path nor as "
+                f"{str(Path(args.output_dir) / 'checkpoints' / resume)!r}); give a checkpoint folder or 'latest'"
+            )
+        resolve_resume(args)  # a damaged checkpoint is refused here, before any model is built
 

@@ -2,9 +2,14 @@
 
 Layout: `output_dir/checkpoints/checkpoint-{step}/` holds what `accelerator.save_state` writes
 (models, optimizers, LR schedulers, objects registered with `register_for_checkpointing` such as
-the EMA, RNG states) plus `latentdiff_state.json` ({"global_step": step, "train_seconds": ...}). A checkpoint is written
-into `.tmp-checkpoint-{step}` and renamed when complete, so a kill during a save leaves a `.tmp-*`
+the EMA, RNG states) plus `latentdiff_state.json` ({"global_step": step, "train_seconds": ...}) and, written last,
+`latentdiff_manifest.json`: the size of every file in it. A checkpoint is written into
+`.tmp-checkpoint-{step}` and renamed when complete, so a kill during a save leaves a `.tmp-*`
 folder that is never taken for a checkpoint (and is removed by the next save), never a broken one.
+A checkpoint damaged later (a truncated copy, a full disk) fails its manifest: `latest` passes over
+it to the newest intact one, a checkpoint named by path is refused with the file that is wrong.
+Resuming from a checkpoint older than others sets the newer ones aside (`abandoned-checkpoint-N`),
+so a later `latest` cannot resume the run that was abandoned; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "latentdiff_state.json"
+MANIFEST_FILE = "latentdiff_manifest.json"
 TMP_PREFIX = ".tmp-"
+ABANDONED_PREFIX = "abandoned-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -74,6 +81,7 @@ def save_checkpoint(
         if extra is not None:
             extra(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **(state or {})}))
+        write_manifest(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run): swap, keeping a complete one on disk
             old = root / f"{TMP_PREFIX}old-checkpoint-{step}"
             final.rename(old)
@@ -97,21 +105,80 @@ def _prune(output_dir: Path, total_limit: int | None, keep: Path) -> None:
             logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
 
 
+def write_manifest(folder: Path) -> None:
+    """Record the size of every file of a checkpoint folder, so damage done after the save can be seen."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST_FILE)
+    sizes = {f.relative_to(folder).as_posix(): f.stat().st_size for f in files}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"sizes": sizes}, indent=0))
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder by its manifest, or None if it is intact.
+
+    A checkpoint written before manifests existed has none and is taken as it is.
+    """
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        sizes = json.loads(manifest.read_text())["sizes"]
+    except (ValueError, KeyError) as error:
+        return f"its {MANIFEST_FILE} is unreadable ({error})"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
 def resolve_resume(args) -> Path | None:
-    """The checkpoint to resume from: None (no flag, or "latest" with none saved yet), or an existing folder."""
+    """The checkpoint to resume from: None (no flag, or "latest" with none saved yet), or an intact folder.
+
+    ``latest`` is the newest checkpoint that passes its manifest; each damaged one newer than it is
+    named in a warning. A checkpoint given by name or path that fails it is an error.
+    """
     value = args.resume_from_checkpoint
     if not value:
         return None
     if value == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        if not checkpoints:
-            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet, starting a new run", args.output_dir)
-            return None
-        return checkpoints[-1]
+        for path in reversed(list_checkpoints(args.output_dir)):
+            damage = checkpoint_damage(path)
+            if damage is None:
+                return path
+            logger.warning("skipping damaged checkpoint %s: %s", path, damage)
+        logger.info("--resume_from_checkpoint latest: no intact checkpoint in %s yet, starting a new run", args.output_dir)
+        return None
     path = find_checkpoint(args.output_dir, value)
     if path is None:
         raise FileNotFoundError(f"--resume_from_checkpoint {value!r} does not exist; give a checkpoint folder or 'latest'")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r}: the checkpoint is damaged ({damage}); "
+            "resume from another checkpoint, or 'latest' for the newest intact one"
+        )
     return path
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints of output_dir newer than ``step`` to ``abandoned-checkpoint-N[.K]``.
+
+    A run resumed from an older checkpoint is a new branch: left in place, the newer checkpoints of
+    the abandoned branch would be what the next ``latest`` resumes (and what pruning keeps).
+    """
+    moved = []
+    for path in list_checkpoints(output_dir):
+        if int(_NAME.match(path.name).group(1)) <= step:
+            continue
+        target, n = path.with_name(ABANDONED_PREFIX + path.name), 1
+        while target.exists():
+            target, n = path.with_name(f"{ABANDONED_PREFIX}{path.name}.{n}"), n + 1
+        path.rename(target)
+        logger.warning("resumed at step %d: set aside the newer checkpoint %s as %s", step, path, target.name)
+        moved.append(target)
+    return moved
 
 
 def resume_step(accelerator: Accelerator, args) -> int:
@@ -156,6 +223,11 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> int:
     else:
         raise ValueError(f"{str(path)!r} is not a checkpoint: it has no {STATE_FILE} and is not named checkpoint-<step>")
     accelerator.load_state(str(path))
+    accelerator.wait_for_everyone()  # every process has read the checkpoint before any is renamed
+    run_dir = accelerator.project_dir
+    if accelerator.is_main_process and run_dir and path.parent.resolve() == (Path(run_dir) / CHECKPOINTS_DIR).resolve():
+        set_aside_newer(run_dir, step)
+    accelerator.wait_for_everyone()
     logger.info("resumed from %s at step %d", path, step)
     return step
 
