@@ -290,3 +290,67 @@ def test_a_table_with_only_a_train_split_holds_out_from_it(tmp_path):
     train_texts = {train.captions(i)[0] for i in range(len(train))}
     assert len(train) == 58 and len(validation) == 1  # 59 captioned rows, 1 held out
     assert validation.captions(0)[0] not in train_texts
+
+
+def two_sided(folder, n):
+    """Images whose left and right halves differ (a flip shows), each with three captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (16, 16), colored(i))
+        image.paste((255, 255, 255), (0, 0, 8, 16))
+        image.save(folder / f"img{i:03d}.png")
+        (folder / f"img{i:03d}.txt").write_text(f"a {i}\nb {i}\nc {i}\n")
+    return folder
+
+
+def items_of(batches):
+    return [(text, pixels) for b in batches for text, pixels in zip(b["text"], b["pixel_values"], strict=True)]
+
+
+def epochs_of(loader, epochs):
+    """The items of each epoch as the training loops see them (set_epoch first)."""
+    from latentdiff.training.checkpointing import set_epoch
+
+    seen = []
+    for epoch in epochs:
+        set_epoch(loader, epoch)
+        seen.append(items_of(loader))
+    return seen
+
+
+def training_accelerator():
+    """Accelerate as the training scripts set it up (make_accelerator): the order of an epoch is a function of (seed, epoch)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=1))
+
+
+def same_items(a, b):
+    return len(a) == len(b) and all(ta == tb and torch.equal(pa, pb) for (ta, pa), (tb, pb) in zip(a, b, strict=True))
+
+
+def test_workers_see_every_epoch_as_the_main_process_does(tmp_path):
+    """set_epoch reaches the workers: with 2 workers each epoch's captions and flips are those of num_workers=0."""
+    dataset = build_dataset(parse("--train_data_dir", str(two_sided(tmp_path / "data", 6)), "--random_flip"))
+    accelerator = training_accelerator()
+    by_workers = {n: epochs_of(accelerator.prepare(build_dataloader(dataset, 2, seed=1, num_workers=n)), range(3))
+                  for n in (0, 2)}
+    for epoch in range(3):
+        assert same_items(by_workers[2][epoch], by_workers[0][epoch]), epoch
+    assert not same_items(by_workers[0][1], by_workers[0][0])  # the epoch changes what items yield
+
+
+def test_a_resumed_run_skips_batches_and_keeps_the_epoch_in_workers(tmp_path):
+    """Resume (accelerate's skip_first_batches) over worker processes yields what an unbroken num_workers=0 run does."""
+    from latentdiff.training.checkpointing import resumed_batches
+
+    dataset = build_dataset(parse("--train_data_dir", str(two_sided(tmp_path / "data", 6)), "--random_flip"))
+    accelerator = training_accelerator()
+    run = argparse.Namespace(max_train_steps=12, gradient_accumulation_steps=1, num_train_epochs=4)
+    unbroken = items_of(resumed_batches(
+        accelerator, accelerator.prepare(build_dataloader(dataset, 2, seed=1)), run, global_step=0))
+    # 3 batches an epoch: step 4 is one batch into epoch 1; epochs 2 and 3 follow in the same workers' loader
+    resumed = items_of(resumed_batches(
+        accelerator, accelerator.prepare(build_dataloader(dataset, 2, seed=1, num_workers=2)), run, 4))
+    assert len(unbroken) == 24 and same_items(resumed, unbroken[8:])
