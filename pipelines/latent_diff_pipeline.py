@@ -3,6 +3,13 @@
 The on-disk format is diffusers' (model_index.json + one sub-folder per component, weights in
 safetensors), so a folder written here opens in diffusers' StableDiffusionPipeline and an
 SD 1.x/2.x folder opens here. Any scheduler that follows diffusers' contract can sample.
+
+Its model_index.json is the one StableDiffusionPipeline writes, naming only diffusers' and
+transformers' classes: diffusers imports no other module a folder names, and
+``DiffusionPipeline.from_pretrained`` takes the class named by ``_class_name`` from diffusers. Our
+DDIM and DDPM are number-equal to diffusers' classes of the same names and take the same config
+keys (tests/test_schedulers.py, tests/test_interop.py), so the folder names diffusers' class and
+LatentDiffPipeline loads that name as ours.
 """
 
 from __future__ import annotations
@@ -24,10 +31,15 @@ from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
 from latentdiff.text import encode_prompts
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# what a saved folder's model_index.json names as its pipeline class, so that diffusers can find it
+DIFFUSERS_PIPELINE = "StableDiffusionPipeline"
+# diffusers' scheduler class name -> ours; each is number-equal to the diffusers class it is named after
+OWN_SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler)}
 
 
 @dataclass
@@ -59,7 +71,12 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, allow_pickle: bool = False, **kwargs):
-        """Load a local pipeline folder; pickle weights are refused unless ``allow_pickle=True``."""
+        """Load a local pipeline folder; pickle weights are refused unless ``allow_pickle=True``.
+
+        A scheduler named diffusers' DDIMScheduler or DDPMScheduler (as this project writes it, and as
+        SD 2.x folders do), or ours by module path (as earlier versions of latentdiff wrote it), loads as
+        our class; any other scheduler (SD 1.x's PNDM, DPM-Solver, Euler, ...) loads as itself.
+        """
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
             raise FileNotFoundError(f"model path {str(path)!r} does not exist or is not a folder")
@@ -68,10 +85,26 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"{str(path)!r} is not a pipeline folder: it has no model_index.json "
                 "(expected a folder written by save_pretrained)"
             )
+        index = json.loads((path / "model_index.json").read_text())
         if not allow_pickle:
-            _refuse_pickle_only_components(path)
+            _refuse_pickle_only_components(path, index)
+        own_scheduler = _own_scheduler_class(index.get("scheduler"))
+        if own_scheduler is not None and "scheduler" not in kwargs:
+            kwargs["scheduler"] = own_scheduler.from_pretrained(path, subfolder="scheduler")
         kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         return super().from_pretrained(path, **kwargs)
+
+    def to_json_string(self) -> str:
+        """model_index.json as diffusers writes it for a StableDiffusionPipeline of these components: our
+        scheduler under diffusers' name, no safety checker (none is part of this pipeline, so diffusers
+        need not warn that it is missing). LatentDiffPipeline.from_pretrained loads it as this class."""
+        index = json.loads(super().to_json_string())
+        index["_class_name"] = DIFFUSERS_PIPELINE
+        index["requires_safety_checker"] = False
+        scheduler_cls = type(self.scheduler)
+        if OWN_SCHEDULERS.get(scheduler_cls.__name__) is scheduler_cls:
+            index["scheduler"] = ["diffusers", scheduler_cls.__name__]
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     @torch.no_grad()
     def __call__(
@@ -218,9 +251,18 @@ def _as_prompt_list(prompt, name: str) -> list[str]:
     raise TypeError(f"{name} must be a str or a non-empty list of str, got {type(prompt).__name__}: {prompt!r:.80}")
 
 
-def _refuse_pickle_only_components(path: Path) -> None:
+def _own_scheduler_class(spec) -> type | None:
+    """Our scheduler class for a model_index.json entry naming diffusers' DDIM/DDPM or ours, else None."""
+    if not isinstance(spec, list) or len(spec) != 2 or not isinstance(spec[0], str):
+        return None
+    library, class_name = spec
+    if library == "diffusers" or library.startswith("latentdiff."):
+        return OWN_SCHEDULERS.get(class_name)
+    return None
+
+
+def _refuse_pickle_only_components(path: Path, index: dict) -> None:
     """Pickle files can run arbitrary code when loaded: refuse a component that has nothing else."""
-    index = json.loads((path / "model_index.json").read_text())
     for name, spec in index.items():
         folder = path / name
         if name.startswith("_") or not isinstance(spec, list) or not folder.is_dir():
