@@ -256,3 +256,30 @@ def test_bad_input_fails_before_training(train_dreambooth, base_dir, instance_di
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run(train_dreambooth, [*argv, *extra])
     assert not (tmp_path / "run").exists() and not (tmp_path / "class").exists()
+
+
+def test_instance_and_class_items_follow_the_epoch(instance_dir, tmp_path):
+    """set_epoch reaches both parts: each epoch's flips are those the instance and class datasets give at that epoch."""
+    (tmp_path / "class").mkdir()
+    for i in range(2):
+        image = Image.new("RGB", (16, 16), (0, 0, 100 * i))
+        image.paste((255, 255, 255), (0, 0, 8, 16))  # left half white: a flip shows
+        image.save(tmp_path / "class" / f"{i}.png")
+
+    def parts():
+        return (prompt_dataset(instance_dir, "a photo of sks disc", 16, random_flip=True),
+                prompt_dataset(tmp_path / "class", "a photo of disc", 16, random_flip=True, flag="--class_data_dir"))
+
+    pairs = PriorPreservationDataset(*parts())
+    instance, classes = parts()  # the same data, told the epoch directly
+    views = set()
+    for epoch in range(8):
+        pairs.set_epoch(epoch)
+        instance.set_epoch(epoch)
+        classes.set_epoch(epoch)
+        for i in range(len(pairs)):
+            item = pairs[i]
+            assert torch.equal(item["pixel_values"], instance[i % 3]["pixel_values"]), (epoch, i)
+            assert torch.equal(item["class_pixel_values"], classes[i % 2]["pixel_values"]), (epoch, i)
+        views.add((item["pixel_values"][:, :, 0].sum().item(), item["class_pixel_values"][:, :, 0].sum().item()))
+    assert len(views) > 1  # the views change with the epoch

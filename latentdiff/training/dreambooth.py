@@ -125,6 +125,12 @@ class PriorPreservationDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance), len(self.class_))
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell both parts the epoch: their captions, flips and crops (or cached views) are drawn per epoch."""
+        for part in (self.instance, self.class_):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
     def __getitem__(self, index: int) -> dict:
         item = dict(self.instance[index % len(self.instance)])
         item.update({CLASS_PREFIX + k: v for k, v in self.class_[index % len(self.class_)].items()})
