@@ -354,3 +354,20 @@ def test_a_resumed_run_skips_batches_and_keeps_the_epoch_in_workers(tmp_path):
     resumed = items_of(resumed_batches(
         accelerator, accelerator.prepare(build_dataloader(dataset, 2, seed=1, num_workers=2)), run, 4))
     assert len(unbroken) == 24 and same_items(resumed, unbroken[8:])
+
+
+def test_captions_not_needed_keeps_uncaptioned_images(tmp_path):
+    """build_dataset(captions=False), for VAE training: every image, captioned or not, with the text ''."""
+    root = tmp_path / "data"
+    write_images(root, 4)
+    (root / "img000.txt").write_text("a caption")
+    (root / "img001.txt").write_text("  \n")  # empty
+    args = parse("--train_data_dir", str(root))
+    assert len(build_dataset(args)) == 1
+    dataset = build_dataset(args, captions=False)
+    assert len(dataset) == 4 and {dataset[i]["text"] for i in range(4)} == {""} and not dataset.skipped
+    assert args.caption_column == "text"  # the caller's flags are left as they were
+
+    hf_table().save_to_disk(tmp_path / "saved")  # one row of 6 without a caption
+    args = parse("--train_data_dir", str(tmp_path / "saved"), "--caption_column", "caption")
+    assert len(build_dataset(args)) == 5 and len(build_dataset(args, captions=False)) == 6

@@ -44,14 +44,20 @@ HOLDOUT_MIN_SOURCE = 50
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 
 
-def build_dataset(args: argparse.Namespace, split: str = "train") -> CaptionedImageDataset:
+def build_dataset(args: argparse.Namespace, split: str = "train", captions: bool = True) -> CaptionedImageDataset:
     """The dataset the data flags describe; items ``{"pixel_values": (3, R, R) in [-1, 1], "text": str}``.
 
     Everything that can be checked is checked here, before training: the source exists, the
     named columns exist, something usable is left. Bad items are skipped and reported once.
+
+    ``captions=False`` is for a caller that never uses captions (VAE training): user data is read
+    as with ``--caption_column ''``, so an image without a caption is kept, and its items have the
+    text ``""``. The built-in datasets keep theirs.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not captions:
+        args = argparse.Namespace(**{**vars(args), "caption_column": ""})
     name, folder = _arg(args, "dataset_name"), _arg(args, "train_data_dir")
     if not name and not folder:
         raise ValueError(
