@@ -215,3 +215,37 @@ def test_lpips_and_gan_terms_train(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "model_1.safetensors").is_file()  # D; its Adam is a param group of optimizer.bin
+
+
+def test_a_folder_alone_trains_on_every_image_captioned_or_not(tmp_path, monkeypatch):
+    """--train_data_dir without --dataset_name: the user's folder, not the shapes default; uncaptioned images count."""
+    from PIL import Image
+
+    folder = tmp_path / "my_photos"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (20, 16), (40 * i, 255 - 40 * i, 90)).save(folder / f"photo{i}.png")
+    for i in range(3):  # half of them captioned
+        (folder / f"photo{i}.txt").write_text(f"photo {i}")
+    sizes = {}
+
+    def counted(args, split="train", **kwargs):
+        dataset = build_dataset(args, split, **kwargs)
+        sizes[split] = len(dataset)
+        return dataset
+
+    build_dataset = train_vae.build_dataset
+    monkeypatch.setattr(train_vae, "build_dataset", counted)
+    metrics = run(tmp_path / "out", "--train_data_dir", folder, "--resolution", "16", "--max_train_steps", "2",
+                  "--report_to", "none")
+    assert sizes == {"train": 6, "validation": 6} and metrics["step"] == 2
+
+
+def test_shapes_is_the_default_only_without_data_flags_and_both_together_are_refused(tmp_path):
+    assert train_vae.parse_args(["--output_dir", str(tmp_path)]).dataset_name == "shapes"
+    assert train_vae.parse_args(["--output_dir", str(tmp_path), "--train_data_dir", "x"]).dataset_name is None
+    (tmp_path / "my_photos").mkdir()
+    with pytest.raises(ValueError, match="--dataset_name shapes is built in; drop --train_data_dir"):
+        run(tmp_path / "out", "--dataset_name", "shapes", "--train_data_dir", tmp_path / "my_photos",
+            "--max_train_steps", "1", "--report_to", "none")
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL
 from torch.utils.data import Subset
 
 from latentdiff.data import add_data_args, build_dataloader, build_dataset
-from latentdiff.data.args import resolution_of
+from latentdiff.data.args import default_dataset, resolution_of
 from latentdiff.presets import VAE_PRESETS, vae_from_preset, vae_scale_factor
 from latentdiff.training.args import add_common_args, check_common_args
 from latentdiff.training.checkpointing import (
@@ -96,7 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # CPU defaults, from short runs on shapes at 32 px (see the report of issue #4): batch 8 beats 4 and 16
     # per image seen, lr 2e-3 beats 1e-3 and 4e-3, and L2 is needed (L1 alone stalls on the white background)
     parser.set_defaults(
-        dataset_name="shapes",
         train_batch_size=8,
         learning_rate=2e-3,
         lr_scheduler="constant_with_warmup",
@@ -108,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         checkpoints_total_limit=2,
         ema_decay=0.999,
     )
-    args = parser.parse_args(argv)
+    args = default_dataset(parser.parse_args(argv), "shapes")  # shapes unless --dataset_name or --train_data_dir
     args.resolution = resolution_of(args)  # the dataset's native size unless given: shapes 32, emoji 64
     return args
 
@@ -212,8 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator = make_accelerator(args, RUN_KIND)
     resume_path = resolve_resume(args)
 
-    train_dataset = build_dataset(args, split="train")
-    val_dataset = build_dataset(args, split="validation")
+    train_dataset = build_dataset(args, split="train", captions=False)  # an autoencoder needs no captions
+    val_dataset = build_dataset(args, split="validation", captions=False)
     val_dataset = Subset(val_dataset, range(min(args.num_validation_images, len(val_dataset))))
     if len(train_dataset) < args.train_batch_size:
         raise ValueError(

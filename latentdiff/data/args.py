@@ -60,6 +60,19 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def default_dataset(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """Train on the built-in ``name`` when neither ``--dataset_name`` nor ``--train_data_dir`` was given.
+
+    A parser default would read as if the user had typed ``--dataset_name``, and a lone
+    ``--train_data_dir`` would then be refused as a second source.
+    """
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"the default dataset must be one of {BUILTIN_DATASETS}, got {name!r}")
+    if not getattr(args, "dataset_name", None) and not getattr(args, "train_data_dir", None):
+        args.dataset_name = name
+    return args
+
+
 def resolution_of(args: argparse.Namespace) -> int:
     """``--resolution``, or the default for the chosen dataset."""
     if getattr(args, "resolution", None):
