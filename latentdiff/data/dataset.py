@@ -75,7 +75,9 @@ class EpochSeeded:
 
     A DataLoader prefetches ahead of the step, resumes mid-epoch and spreads items over workers;
     drawing from a global RNG would make what an item yields depend on all of that and break exact
-    resume. Training loops call ``set_epoch`` at the start of every epoch.
+    resume. Training loops call ``set_epoch`` at the start of every epoch. A DataLoader's worker
+    copies the dataset when it starts, so it sees the epoch only if it starts after ``set_epoch``:
+    persistent workers would not (``build_dataloader`` starts them per epoch).
     """
 
     seed = 0
