@@ -312,3 +312,29 @@ def test_two_processes_train_one_set_of_adapters(base_dir, image_dir, tmp_path):
     assert sorted(p.name for p in checkpoint.iterdir() if "random_states" not in p.name) == [
         "latentdiff_state.json", "optimizer.bin", LORA_WEIGHT_NAME, "scheduler.bin"]  # fmt: skip
     assert (out / "lora" / LORA_WEIGHT_NAME).is_file()
+
+
+def test_an_incompatible_transformers_and_peft_fail_in_one_line_before_training(
+    finetune_lora, base_dir, image_dir, tmp_path, monkeypatch
+):
+    """transformers 5.24 refuses adapters with peft < 0.22 deep inside add_adapter: the text-encoder LoRA
+    path says which pair is installed and what to do, before any step is taken."""
+    from latentdiff.training import lora
+
+    installed = {"transformers": "5.24.0", "peft": "0.21.2"}
+    monkeypatch.setattr(lora, "version", installed.__getitem__)
+    monkeypatch.setattr(lora.transformers_peft, "MIN_PEFT_VERSION", "0.22.0", raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError) as error:
+        run(finetune_lora, flags(base_dir, image_dir, out, "--max_train_steps", 1, "--train_text_encoder"))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1, message
+    assert "transformers 5.24.0" in message and "peft 0.21.2" in message, message
+    assert "peft>=0.22.0" in message and "requirements/lock.txt" in message, message
+    assert not (out / "checkpoints").exists() and not (out / "lora").exists()
+
+    installed["peft"] = "0.22.0"
+    lora.check_peft_compatible()
+    monkeypatch.delattr(lora.transformers_peft, "MIN_PEFT_VERSION")  # older transformers check nothing
+    installed["peft"] = "0.11.0"
+    lora.check_peft_compatible()

@@ -14,6 +14,7 @@ A (r x in) and B (out x r) trained and B starting at zero, so training starts ex
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -25,9 +26,11 @@ from diffusers.utils import (
     convert_unet_state_dict_to_peft,
 )
 from diffusers.utils.peft_utils import get_adapter_name
+from packaging.version import Version
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers.integrations import peft as transformers_peft
 
 from latentdiff.data.files import atomic_path
 from latentdiff.pipelines import LatentDiffPipeline
@@ -86,11 +89,29 @@ def add_lora(
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def check_peft_compatible() -> None:
+    """Fail in one line if the installed transformers refuses adapters from the installed peft.
+
+    transformers checks peft's version only inside `add_adapter` (5.24 needs peft >= 0.22, and on 2026-12-01
+    no peft 0.22 was published), so a fresh install of the newest pair broke text-encoder LoRA mid-setup.
+    """
+    required = getattr(transformers_peft, "MIN_PEFT_VERSION", None)  # absent from older transformers
+    installed = version("peft")
+    if required is not None and Version(installed) < Version(required):
+        raise RuntimeError(
+            f"transformers {version('transformers')} needs peft >= {required} for LoRA on the text encoder, "
+            f"and peft {installed} is installed: install peft>={required}, or the tested versions "
+            "(pip install -e . -c requirements/lock.txt, README \"Set-up\")"
+        )
+
+
 def add_lora_adapters(args, unet, text_encoder=None, dtype: torch.dtype = torch.float32) -> None:
     """The adapters the --rank/--lora_alpha/--lora_dropout flags ask for, on the UNet's attention projections
     and, when given, the text encoder's. The frozen UNet is held in `dtype` (the half dtype under mixed
     precision: half the memory), the adapters in fp32 (`cast_training_params`), so updates keep fp32
     precision. The text encoder stays fp32: its states set the dtype of a pipeline's latents."""
+    if text_encoder is not None:
+        check_peft_compatible()
     if unet.dtype != dtype:
         unet.to(dtype=dtype)
     add_lora(unet, UNET_TARGET_MODULES, args.rank, args.lora_alpha, args.lora_dropout)
