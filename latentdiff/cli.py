@@ -236,11 +236,11 @@ def run_script(verb: str, script_args: list[str]) -> int:
     """Run a training script with ``script_args`` unchanged; its exit status is ours."""
     from latentdiff import demo
 
-    path = demo.SCRIPTS / SCRIPT_ALIASES[verb]
-    if not path.is_file():
-        raise UsageError(f"{path} not found: `latentdiff {verb}` runs the training scripts of a source checkout "
-                         "(pip install -e . from a clone of the repository)")
-    return subprocess.run([sys.executable, str(path), *script_args]).returncode
+    try:
+        command = demo.script_command(SCRIPT_ALIASES[verb])
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    return subprocess.run([*command, *script_args]).returncode
 
 
 def run_generate(args) -> None:

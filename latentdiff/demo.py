@@ -9,6 +9,7 @@ same command. Step counts decide how long each stage trains, so a finished demo 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 from latentdiff.cli import DEMO_LDM_STEPS, DEMO_VAE_STEPS
 from latentdiff.data import shapes
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "training"
+SCRIPTS_PACKAGE = "latentdiff.scripts"  # the repository's training/, as pyproject installs it
 VAE_SHARE_OF_MINUTES = 0.3
 UNCAPPED_STEPS = 1_000_000  # with --minutes and no step count: time ends the stage
 GRID_PROMPTS = {
@@ -33,15 +34,25 @@ GRID_PROMPTS = {
 }
 
 
+def script_command(script: str) -> list[str]:
+    """The command that runs training script ``script`` (``train_vae.py``) as a module of the installed package,
+    so that it works from a wheel as from a checkout."""
+    module = f"{SCRIPTS_PACKAGE}.{Path(script).stem}"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the package itself is missing
+        found = False
+    if not found:
+        raise FileNotFoundError(
+            f"no module {module}: this latentdiff is installed without its training scripts "
+            "(reinstall it: pip install latentdiff, or pip install -e . in a clone of the repository)"
+        )
+    return [sys.executable, "-m", module]
+
+
 def run_stage(name: str, script: str, output_dir: Path, args: list[str]) -> None:
     """Run a training script to completion; it resumes from ``output_dir``'s latest checkpoint if any."""
-    path = SCRIPTS / script
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: `latentdiff demo` runs the training scripts of a source checkout "
-            "(pip install -e . from a clone of the repository)"
-        )
-    command = [sys.executable, str(path), "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest", *args]
+    command = [*script_command(script), "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest", *args]
     print(f"\n== {name}: {' '.join(command)}", flush=True)
     subprocess.run(command, check=True)
 
