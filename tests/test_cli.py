@@ -209,13 +209,17 @@ def test_top_level_help_lists_every_verb(capsys):
 
 @pytest.mark.parametrize("verb", SCRIPT_ALIASES)
 def test_aliases_pass_every_argument_on(verb, tmp_path, monkeypatch, capfd):
-    for script in SCRIPT_ALIASES.values():  # stand-ins that print what they were given
-        (tmp_path / script).write_text(
+    (tmp_path / "stand_ins").mkdir()  # a package of stand-ins that print what they were given
+    (tmp_path / "stand_ins" / "__init__.py").write_text("")
+    for script in SCRIPT_ALIASES.values():
+        (tmp_path / "stand_ins" / script).write_text(
             "import json, os, sys\n"
             "print(json.dumps([os.path.basename(__file__), *sys.argv[1:]]))\n"
             "sys.exit(3 if '--fail' in sys.argv else 0)\n"
         )
-    monkeypatch.setattr(demo, "SCRIPTS", tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(demo, "SCRIPTS_PACKAGE", "stand_ins")
     argv = ["--help", "--output_dir", "out dir", "--x=1", "positional", "-n", "2"]
     assert main([verb, *argv]) == 0
     assert json.loads(capfd.readouterr().out) == [SCRIPT_ALIASES[verb], *argv]
@@ -228,8 +232,8 @@ def test_alias_help_is_the_scripts_help(capfd):
     assert "usage: train_vae.py" in out and "--vae_preset" in out
 
 
-def test_aliases_need_a_source_checkout(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "SCRIPTS", tmp_path / "not_a_checkout")
+def test_aliases_need_the_installed_scripts(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "SCRIPTS_PACKAGE", "latentdiff.no_scripts")
     assert main(["finetune", "--output_dir", "x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "source checkout" in err and err.startswith("latentdiff finetune: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("latentdiff finetune: error: no module latentdiff.no_scripts.finetune_lora")

@@ -310,7 +310,7 @@ def test_two_processes_train_one_set_of_adapters(base_dir, image_dir, tmp_path):
     assert set(ends) == {"0", "1"} and ends["0"] == ends["1"], log[-4000:]
     checkpoint = out / "checkpoints" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.iterdir() if "random_states" not in p.name) == [
-        "latentdiff_state.json", "optimizer.bin", LORA_WEIGHT_NAME, "scheduler.bin"]  # fmt: skip
+        "latentdiff_manifest.json", "latentdiff_state.json", "optimizer.bin", LORA_WEIGHT_NAME, "scheduler.bin"]  # fmt: skip
     assert (out / "lora" / LORA_WEIGHT_NAME).is_file()
 
 
