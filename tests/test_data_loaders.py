@@ -47,8 +47,8 @@ def test_flags_use_diffusers_names_and_defaults(tmp_path, monkeypatch):
     from latentdiff.data import default_cache_dir
 
     assert default_cache_dir() == tmp_path / "latentdiff"
-    with pytest.raises(SystemExit):
-        add_data_args(argparse.ArgumentParser()).parse_args(["--center_crop", "--random_crop"])
+    with pytest.raises(SystemExit):  # the center square is the default crop: no flag asks for it
+        add_data_args(argparse.ArgumentParser()).parse_args(["--center_crop"])
 
 
 def test_imagefolder_with_metadata(tmp_path):

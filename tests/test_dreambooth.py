@@ -21,6 +21,7 @@ from latentdiff.training.dreambooth import (
     prior_preservation_loss,
     prompt_dataset,
 )
+from latentdiff.training import text_to_image
 from latentdiff.training.lora import LORA_WEIGHT_NAME, load_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,13 +175,13 @@ def test_full_dreambooth_with_prior_preservation(
     train_dreambooth, base_dir, instance_dir, tmp_path, monkeypatch
 ):
     batches = []
-    loss_fn = train_dreambooth.prior_preservation_loss
+    loss_fn = text_to_image.prior_preservation_loss
 
     def spy(model_fn, x0, cond, scheduler, prior_loss_weight, **kwargs):
         batches.append((x0.shape[0], prior_loss_weight))
         return loss_fn(model_fn, x0, cond, scheduler, prior_loss_weight, **kwargs)
 
-    monkeypatch.setattr(train_dreambooth, "prior_preservation_loss", spy)
+    monkeypatch.setattr(text_to_image, "prior_preservation_loss", spy)
     class_dir = tmp_path / "class"
     argv = flags(
         base_dir, instance_dir, tmp_path / "run", *prior_flags(class_dir), "--prior_loss_weight", 0.5,

@@ -20,6 +20,7 @@ from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline, vae_from_preset
 from latentdiff.schedulers import DDPMScheduler
+from latentdiff.training import text_to_image
 from latentdiff.training.validation import sampling_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,14 +309,14 @@ def test_a_non_finite_loss_stops_before_a_checkpoint_or_is_skipped(
     train_ldm, shared, tmp_path, monkeypatch, policy
 ):
     calls = []
-    loss_fn = train_ldm.diffusion_loss
+    loss_fn = text_to_image.diffusion_loss
 
     def nan_at_second_batch(*args, **kwargs):
         calls.append(1)
         loss = loss_fn(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(train_ldm, "diffusion_loss", nan_at_second_batch)
+    monkeypatch.setattr(text_to_image, "diffusion_loss", nan_at_second_batch)
     out = tmp_path / "run"
     argv = flags(shared, out, "--max_train_steps", 3, "--checkpointing_steps", 1, "--nan_policy", policy)
     if policy == "stop":

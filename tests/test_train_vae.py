@@ -35,7 +35,7 @@ TINY = [
     "--use_ema",
     "--validation_steps",
     "4",
-    "--num_validation_images",
+    "--num_heldout_images",
     "8",
     "--num_grid_images",
     "4",

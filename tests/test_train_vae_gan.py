@@ -13,7 +13,7 @@ train_vae = load_script("train_vae")
 GAN = [
     "--vae_preset", "tiny", "--max_train_samples", "16", "--train_batch_size", "4", "--report_to", "none",
     "--disc_weight", "0.5", "--disc_start", "0", "--disc_channels", "8", "--disc_layers", "2",
-    "--num_validation_images", "4", "--num_grid_images", "2", "--scaling_factor_images", "4",
+    "--num_heldout_images", "4", "--num_grid_images", "2", "--scaling_factor_images", "4",
     "--validation_steps", "100",
 ]  # fmt: skip
 

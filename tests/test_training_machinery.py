@@ -17,7 +17,7 @@ from latentdiff.training.checkpointing import (
     save_checkpoint,
 )
 from latentdiff.training.ema import ema_weights, make_ema
-from latentdiff.training.finetune import optimizer_step
+from latentdiff.training.loop import optimizer_step
 from latentdiff.training.progress import check_finite, save_image_grid
 from latentdiff.training.run import (
     RUN_FILE,

@@ -13,6 +13,7 @@ USER_DEFAULT_RESOLUTION = 512
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Where the training images come from (a dataset or a folder), and how they are read (`add_image_args`)."""
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name", type=str, default=None,
@@ -33,23 +34,28 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="the column holding the captions (a caption or a list of them); '' for images without "
              "captions (VAE training), whose items then have the text ''",
     )
+    group.add_argument("--max_train_samples", type=int, default=None,
+                       help="train on a fixed random subset of this many items")
+    group.add_argument("--min_image_size", type=int, default=0,
+                       help="skip images whose shorter side is below this many pixels")
+    return add_image_args(parser)
+
+
+def add_image_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """How images become training inputs (size, crop, flip), where caches live, how many loader processes."""
+    group = parser.add_argument_group("images")
     group.add_argument(
         "--resolution", type=int, default=None,
         help=f"side of the square training images (default: shapes {DEFAULT_RESOLUTION['shapes']}, "
-             f"emoji {DEFAULT_RESOLUTION['emoji']}, other data {USER_DEFAULT_RESOLUTION})",
+             f"emoji {DEFAULT_RESOLUTION['emoji']}, a pretrained pipeline's own size, else {USER_DEFAULT_RESOLUTION})",
     )
-    crop = group.add_mutually_exclusive_group()
-    crop.add_argument("--center_crop", action="store_true", help="crop the center square (the default)")
-    crop.add_argument("--random_crop", action="store_true", help="crop a square at a random place")
+    group.add_argument("--random_crop", action="store_true",
+                       help="crop the square at a random place (default: the center square)")
     group.add_argument(
         "--random_flip", action="store_true",
         help="mirror half the images at random (off by default: it swaps 'left' and 'right' in what a "
              "caption describes)",
     )
-    group.add_argument("--max_train_samples", type=int, default=None,
-                       help="train on a fixed random subset of this many items")
-    group.add_argument("--min_image_size", type=int, default=0,
-                       help="skip images whose shorter side is below this many pixels")
     group.add_argument(
         "--data_cache_dir", type=str, default=None,
         help=f"where built-in datasets are rendered and latent caches are kept (default: {default_cache_dir()}, "
@@ -73,8 +79,8 @@ def default_dataset(args: argparse.Namespace, name: str) -> argparse.Namespace:
     return args
 
 
-def resolution_of(args: argparse.Namespace) -> int:
-    """``--resolution``, or the default for the chosen dataset."""
+def resolution_of(args: argparse.Namespace, native: int | None = None) -> int:
+    """``--resolution``; else a built-in dataset's size; else ``native`` (a pretrained model's own); else 512."""
     if getattr(args, "resolution", None):
         return args.resolution
-    return DEFAULT_RESOLUTION.get(getattr(args, "dataset_name", None), USER_DEFAULT_RESOLUTION)
+    return DEFAULT_RESOLUTION.get(getattr(args, "dataset_name", None), native or USER_DEFAULT_RESOLUTION)

@@ -44,8 +44,11 @@ HOLDOUT_MIN_SOURCE = 50
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 
 
-def build_dataset(args: argparse.Namespace, split: str = "train", captions: bool = True) -> CaptionedImageDataset:
-    """The dataset the data flags describe; items ``{"pixel_values": (3, R, R) in [-1, 1], "text": str}``.
+def build_dataset(
+    args: argparse.Namespace, split: str = "train", captions: bool = True, resolution: int | None = None
+) -> CaptionedImageDataset:
+    """The dataset the data flags describe; items ``{"pixel_values": (3, R, R) in [-1, 1], "text": str}``,
+    R = ``resolution`` (default: ``resolution_of(args)``; a fine-tune passes its model's own size).
 
     Everything that can be checked is checked here, before training: the source exists, the
     named columns exist, something usable is left. Bad items are skipped and reported once.
@@ -64,7 +67,7 @@ def build_dataset(args: argparse.Namespace, split: str = "train", captions: bool
             "no data given: pass --dataset_name (a built-in: shapes, emoji; a datasets name; or a "
             "local path) or --train_data_dir (a local folder)"
         )
-    resolution = resolution_of(args)
+    resolution = resolution or resolution_of(args)
     if resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {resolution}")
 

@@ -1,18 +1,22 @@
-"""The command-line flags every training script shares, in diffusers' naming, and their checks.
+"""The command-line flags the training scripts share, in diffusers' naming, each defined once, and their checks.
 
-A script adds these with `add_common_args`, its own flags beside them, its own defaults with
-`parser.set_defaults(...)`, and calls `check_common_args` before it builds anything, so that a bad
-flag fails in the first second with a message naming the flag, the value and what is allowed.
+A script adds `add_common_args` (every script) and `add_text_to_image_args` (the text-to-image ones), its
+own flags beside them, its own defaults with `parser.set_defaults(...)`, and calls the `check_*` functions
+before it builds anything, so that a bad flag fails in the first second with a message naming the flag,
+the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
+from latentdiff.presets import TEXT_ENCODER_PRESETS, UNET_PRESETS
+from latentdiff.schedulers.schedule import BETA_SCHEDULES, PREDICTION_TYPES
 from latentdiff.training.checkpointing import find_checkpoint, resolve_resume
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -125,3 +129,119 @@ def check_common_args(args) -> None:
             )
         resolve_resume(args)  # a damaged checkpoint is refused here, before any model is built
 
+
+
+def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: bool = False) -> argparse.ArgumentParser:
+    """The flags of every script that trains a text-to-image UNet: the models, the noise schedule, the loss,
+    speed switches and validation. Fine-tuning scripts pass ``pipeline_required`` (a folder to start from)."""
+    m = parser.add_argument_group("models")
+    m.add_argument(
+        "--pretrained_model_name_or_path", required=pipeline_required,
+        help="A pipeline folder to start from (model_index.json + vae/, text_encoder/, tokenizer/, unet/, scheduler/).",
+    )  # fmt: skip
+    m.add_argument(
+        "--pretrained_vae_name_or_path",
+        help="An AutoencoderKL folder (e.g. out/vae from train_vae.py, or a pipeline folder with vae/).",
+    )
+    m.add_argument("--unet_preset", help=f"A new UNet of this size, one of {', '.join(UNET_PRESETS)} (default small).")
+    m.add_argument("--text_encoder_preset", help="A new text encoder of this size. Default: the --unet_preset name.")
+    m.add_argument(
+        "--pretrained_text_encoder_name_or_path", help="A CLIPTextModel folder (or a pipeline folder with text_encoder/)."
+    )
+    m.add_argument(
+        "--train_text_encoder", action=argparse.BooleanOptionalAction,
+        help="Train the text encoder too (its LoRA adapters with LoRA). Default: yes when it starts from scratch, "
+        "no when it comes trained.",
+    )  # fmt: skip
+    d = parser.add_argument_group("diffusion")
+    d.add_argument(
+        "--prediction_type", choices=PREDICTION_TYPES,
+        help="What the UNet predicts. Default: the pretrained pipeline's, else epsilon.",
+    )  # fmt: skip
+    d.add_argument(
+        "--beta_schedule", choices=BETA_SCHEDULES,
+        help="Training noise schedule. Default: the pretrained pipeline's, else SD's scaled_linear.",
+    )  # fmt: skip
+    d.add_argument("--beta_start", type=float)
+    d.add_argument("--beta_end", type=float)
+    d.add_argument(
+        "--rescale_betas_zero_snr", action="store_true",
+        help="Zero terminal SNR (Lin et al. 2024); needs --prediction_type v_prediction or sample.",
+    )  # fmt: skip
+    d.add_argument(
+        "--proportion_empty_prompts", type=float, default=0.1,
+        help="Captions replaced by '' to learn the unconditional model of classifier-free guidance.",
+    )  # fmt: skip
+    d.add_argument("--snr_gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is usual.")
+    d.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise (Guttenberg 2023); 0.05-0.1 is usual.")
+    e = parser.add_argument_group("speed")
+    e.add_argument(
+        "--cache_latents", action="store_true",
+        help="Encode the images once with the frozen VAE (and the frozen text encoder) before training.",
+    )  # fmt: skip
+    e.add_argument("--gradient_checkpointing", action="store_true")
+    e.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    v = parser.add_argument_group("validation")
+    v.add_argument("--validation_prompts", nargs="*", help="Prompts sampled every --validation_steps (a grid row each).")
+    v.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    v.add_argument("--validation_inference_steps", type=int, default=25)
+    v.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    parser.add_argument(
+        "--save_pipeline_at_checkpoints", action="store_true",
+        help="Also write a pipeline folder (EMA weights with --use_ema) into each checkpoint-N/pipeline, "
+        "to sample from or evaluate while training goes on.",
+    )  # fmt: skip
+    return parser
+
+
+def check_text_to_image_args(args: argparse.Namespace) -> None:
+    """Raise for the flags of `add_text_to_image_args` that would fail later, naming flag, value and what is allowed."""
+    for flag, value, table in (
+        ("--unet_preset", args.unet_preset, UNET_PRESETS),
+        ("--text_encoder_preset", args.text_encoder_preset, TEXT_ENCODER_PRESETS),
+    ):
+        if value is not None and value not in table:
+            raise ValueError(f"{flag} {value!r} is unknown; choose one of {', '.join(map(repr, table))}")
+    if args.pretrained_model_name_or_path:
+        if args.unet_preset or args.text_encoder_preset:
+            raise ValueError(
+                "--unet_preset/--text_encoder_preset build new models: leave them out with "
+                "--pretrained_model_name_or_path, which brings its own"
+            )
+        if not (Path(args.pretrained_model_name_or_path) / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} is not a pipeline folder "
+                "(no model_index.json): give a folder written by train_ldm.py (output_dir/pipeline) or "
+                "LatentDiffPipeline.save_pretrained"
+            )
+    elif not args.pretrained_vae_name_or_path:
+        raise ValueError(
+            "a latent diffusion model needs a trained autoencoder: give --pretrained_vae_name_or_path "
+            "(e.g. out/vae from train_vae.py) or --pretrained_model_name_or_path (a pipeline folder)"
+        )
+    for flag in ("pretrained_vae_name_or_path", "pretrained_text_encoder_name_or_path"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_dir():
+            raise FileNotFoundError(f"--{flag} {path!r} is not a folder")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.noise_offset < 0:
+        raise ValueError(f"--noise_offset must be >= 0, got {args.noise_offset}")
+    pretrained_prediction = args.prediction_type is None and args.pretrained_model_name_or_path  # checked on load
+    if args.rescale_betas_zero_snr and args.prediction_type in (None, "epsilon") and not pretrained_prediction:
+        raise ValueError(
+            "--rescale_betas_zero_snr makes x_T pure noise, where predicting eps says nothing about "
+            "x_0 (Lin et al. 2024 §3.2): add --prediction_type v_prediction"
+        )
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ValueError(
+            "--enable_xformers_memory_efficient_attention needs the xformers package (CUDA only), "
+            "which is not installed: pip install xformers, or leave the flag out (PyTorch SDPA is used)"
+        )
+    if args.validation_prompts is not None and not args.validation_prompts:
+        raise ValueError("--validation_prompts was given without any prompt; give at least one or leave the flag out")
+    for flag in ("num_validation_images", "validation_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")

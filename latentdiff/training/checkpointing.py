@@ -181,12 +181,6 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
     return moved
 
 
-def resume_step(accelerator: Accelerator, args) -> int:
-    """The step to start from: that of the checkpoint --resume_from_checkpoint names, restored now, or 0."""
-    path = resolve_resume(args)
-    return 0 if path is None else load_checkpoint(accelerator, path)
-
-
 def checkpoint_state(path: str | Path | None) -> dict:
     """A checkpoint's ``latentdiff_state.json`` ({} for None or a checkpoint without one)."""
     state_file = Path(path) / STATE_FILE if path is not None else None

@@ -86,14 +86,18 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     generator: torch.Generator | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """The simple loss E_{t, eps} || target - model_fn(x_t, t, cond) ||^2 (Ho et al. 2020 eq. 14), a scalar.
+    """The simple loss E_{t, eps} || target - model_fn(x_t, t, cond) ||^2 (Ho et al. 2020 eq. 14).
 
     x0 (B, C, H, W) is the clean sample (scaled VAE latents for LDM); `cond` is passed to `model_fn` as
     is (the text encoder's states). `noise` and `timesteps` are drawn when not given (from `generator`,
     else the global RNG, so a restored RNG state replays them). With `snr_gamma` each sample's mean squared
-    error is weighted by `min_snr_weights`; the batch mean is returned.
+    error is weighted by `min_snr_weights`. ``reduction="mean"`` returns the batch mean, ``"none"`` the
+    per-sample terms (B,), for a caller that weights or adds them (DreamBooth's prior term).
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r} is not one of 'mean', 'none'")
     x0 = x0.float()
     if timesteps is None:
         timesteps = sample_timesteps(x0.shape[0], scheduler.config.num_train_timesteps, x0.device, generator)
@@ -118,7 +122,7 @@ def diffusion_loss(
             scheduler.snr(timesteps).to(x0.device), snr_gamma, scheduler.config.prediction_type
         )
         mse = mse * weights
-    return mse.mean()
+    return mse.mean() if reduction == "mean" else mse
 
 
 def caption_dropout_mask(

@@ -15,18 +15,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from latentdiff.data.dataset import ImageCaptionDataset
 from latentdiff.data.files import atomic_path, digest
 from latentdiff.data.folders import index_captioned_images
-from latentdiff.training.diffusion_loss import (
-    min_snr_weights,
-    sample_noise,
-    sample_timesteps,
-    training_target,
-)
+from latentdiff.training.diffusion_loss import diffusion_loss
 
 logger = logging.getLogger(__name__)
 
@@ -152,38 +146,20 @@ def join_prior_batch(batch: dict) -> dict:
 
 
 def prior_preservation_loss(
-    model_fn, x0: torch.Tensor, cond, scheduler, prior_loss_weight: float = 1.0, *,
-    noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None, snr_gamma: float | None = None,
-    noise_offset: float = 0.0, generator: torch.Generator | None = None,
-) -> torch.Tensor:  # fmt: skip
+    model_fn, x0: torch.Tensor, cond, scheduler, prior_loss_weight: float = 1.0, **loss_kwargs
+) -> torch.Tensor:
     """The DreamBooth objective (Ruiz et al. 2023 eq. 2), a scalar:
 
         E[w_t ||x^(a_t x + s_t eps, c) - x||^2] + lambda E[w_t' ||x^(a_t' x_pr + s_t' eps', c_pr) - x_pr||^2]
 
-    each term the simple loss of `diffusion_loss` (Ho et al. 2020 eq. 14, in the scheduler's prediction type,
-    optionally min-SNR weighted) averaged over its half, lambda = `prior_loss_weight`. x0 (2B, C, h, w) and
+    each term the simple loss of `diffusion_loss` (its ``loss_kwargs``: noise, timesteps, snr_gamma,
+    noise_offset, generator) averaged over its half, lambda = `prior_loss_weight`. x0 (2B, C, h, w) and
     `cond` hold the instance half first and the class half second (`join_prior_batch`); `model_fn` runs once
-    on both, so a DDP model sees one forward per backward. Draws t, then eps, as `diffusion_loss` does: with
-    lambda = 1 and the same generator this is twice `diffusion_loss` of the whole batch.
+    on both, so a DDP model sees one forward per backward. With lambda = 1 and the same generator this is
+    twice `diffusion_loss` of the whole batch.
     """
-    x0 = x0.float()
     if x0.shape[0] % 2:
         raise ValueError(f"x0 must hold an instance half and a class half; got an odd batch of {x0.shape[0]}")
-    if timesteps is None:
-        timesteps = sample_timesteps(x0.shape[0], scheduler.config.num_train_timesteps, x0.device, generator)
-    if noise is None:
-        noise = sample_noise(x0, noise_offset, generator)
-    elif noise_offset:
-        raise ValueError("noise_offset applies to the noise drawn here; add it to the given noise instead")
-    noise = noise.float()
-    x_t = scheduler.add_noise(x0, noise, timesteps)
-    target = training_target(scheduler, x0, noise, timesteps)
-
-    model_pred = model_fn(x_t, timesteps, cond)
-    mse = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=tuple(range(1, x0.ndim)))  # (2B,)
-    if snr_gamma is not None:
-        mse = mse * min_snr_weights(
-            scheduler.snr(timesteps).to(x0.device), snr_gamma, scheduler.config.prediction_type
-        )
+    mse = diffusion_loss(model_fn, x0, cond, scheduler, reduction="none", **loss_kwargs)  # (2B,)
     instance_mse, prior_mse = mse.chunk(2)  # (B,), (B,)
     return instance_mse.mean() + prior_loss_weight * prior_mse.mean()

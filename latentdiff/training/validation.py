@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from accelerate import Accelerator
 from latentdiff.pipelines import LatentDiffPipeline
 from latentdiff.presets import sd_scheduler
 from latentdiff.schedulers import DDIMScheduler
+from latentdiff.training.ema import ema_weights
 from latentdiff.training.progress import log_images, save_image_grid
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,15 @@ def sampling_scheduler(noise_scheduler) -> DDIMScheduler:
         rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
         timestep_spacing="trailing" if cfg.rescale_betas_zero_snr else "leading",
     )
+
+
+@contextmanager
+def averaged_weights(emas: Sequence, models: Sequence) -> Iterator[None]:
+    """Inside the block each trained model holds its EMA weights (nothing changes without --use_ema)."""
+    with ExitStack() as stack:
+        for ema, model in zip(emas, models, strict=False):
+            stack.enter_context(ema_weights(ema, model))
+        yield
 
 
 def build_pipeline(
