@@ -12,6 +12,7 @@ from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline
 from latentdiff.schedulers import DDPMScheduler
+from latentdiff.training import text_to_image
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.dreambooth import (
     PriorPreservationDataset,
@@ -21,7 +22,6 @@ from latentdiff.training.dreambooth import (
     prior_preservation_loss,
     prompt_dataset,
 )
-from latentdiff.training import text_to_image
 from latentdiff.training.lora import LORA_WEIGHT_NAME, load_lora
 
 ROOT = Path(__file__).resolve().parents[1]

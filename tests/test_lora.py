@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline
+from latentdiff.training import text_to_image
 from latentdiff.training.lora import (
     LORA_WEIGHT_NAME,
     TEXT_ENCODER_TARGET_MODULES,
@@ -195,13 +196,13 @@ def test_weights_that_match_no_layer_are_refused_not_dropped(base_dir, tmp_path)
 
 def test_finetune_lora_end_to_end(finetune_lora, base_dir, image_dir, tmp_path, monkeypatch):
     exported = {}
-    save = finetune_lora.save_lora
+    save = text_to_image.save_lora
 
     def keep_models(path, unet, text_encoder=None):
         exported.update(unet=unet, text_encoder=text_encoder)
         return save(path, unet, text_encoder)
 
-    monkeypatch.setattr(finetune_lora, "save_lora", keep_models)
+    monkeypatch.setattr(text_to_image, "save_lora", keep_models)
     out = tmp_path / "run"
     argv = flags(
         base_dir, image_dir, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--rank", 2,
@@ -262,7 +263,7 @@ def test_mixed_precision_holds_the_frozen_unet_in_half_and_the_adapters_in_fp32(
     finetune_lora, base_dir, image_dir, tmp_path, monkeypatch
 ):
     exported = {}
-    monkeypatch.setattr(finetune_lora, "save_lora", lambda path, unet, te=None: exported.update(unet=unet))
+    monkeypatch.setattr(text_to_image, "save_lora", lambda path, unet, te=None: exported.update(unet=unet))
     run(finetune_lora, flags(base_dir, image_dir, tmp_path / "run", "--max_train_steps", 1, "--mixed_precision",
                              "bf16", "--cache_latents", "--data_cache_dir", tmp_path / "cache"))  # fmt: skip
     dtypes = {("lora_" in n, p.dtype) for n, p in exported["unet"].named_parameters()}

@@ -20,9 +20,9 @@ import argparse
 from pathlib import Path
 
 from latentdiff.data import add_data_args, build_dataset
-from latentdiff.training.args import add_common_args, add_text_to_image_args, check_common_args, check_text_to_image_args
+from latentdiff.training.args import add_text_to_image_args, check_text_to_image_args
 from latentdiff.training.loop import train
-from latentdiff.training.lora import LORA_DIR, add_lora_args, check_lora_args, save_lora
+from latentdiff.training.lora import LORA_DIR, add_lora_args, check_lora_args
 from latentdiff.training.models import load_models
 from latentdiff.training.run import count_parameters, log_run_start, make_accelerator
 from latentdiff.training.text_to_image import TextToImage
@@ -32,13 +32,11 @@ RUN_KIND = "lora"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
     add_data_args(parser)
     add_text_to_image_args(parser, pipeline_required=True)
     add_lora_args(parser)
     parser.set_defaults(proportion_empty_prompts=0.0)
     args = parser.parse_args(argv)
-    check_common_args(args)
     check_text_to_image_args(args)
     check_lora_args(args)
     return args
@@ -58,14 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
 
     train(accelerator, args, task)
-
-    lora_dir = Path(args.output_dir) / LORA_DIR
-    if accelerator.is_main_process:
-        with task.averaged():
-            save_lora(lora_dir, *task.unwrapped())
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return lora_dir
+    return task.export(Path(args.output_dir) / LORA_DIR)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ import argparse
 from pathlib import Path
 
 from latentdiff.data.args import add_image_args
-from latentdiff.training.args import add_common_args, add_text_to_image_args, check_common_args, check_text_to_image_args
+from latentdiff.training.args import add_text_to_image_args, check_text_to_image_args
 from latentdiff.training.dreambooth import PriorPreservationDataset, generate_class_images, prompt_dataset
 from latentdiff.training.loop import train
-from latentdiff.training.lora import LORA_DIR, add_lora_args, check_lora_args, save_lora
+from latentdiff.training.lora import LORA_DIR, add_lora_args, check_lora_args
 from latentdiff.training.models import load_models
 from latentdiff.training.run import count_parameters, log_run_start, make_accelerator
 from latentdiff.training.text_to_image import TextToImage
@@ -33,7 +33,6 @@ RUN_KIND = "dreambooth"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
     add_image_args(parser)
     add_text_to_image_args(parser, pipeline_required=True)
     d = parser.add_argument_group("DreamBooth")
@@ -58,7 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.learning_rate = 1e-4 if args.use_lora else 5e-6
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = 400
-    check_common_args(args)
     check_text_to_image_args(args)
     check_lora_args(args)
     check_dreambooth_args(args)
@@ -118,18 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
 
     train(accelerator, args, task)
-
-    output = Path(args.output_dir) / (LORA_DIR if args.use_lora else PIPELINE_DIR)
-    if accelerator.is_main_process:
-        if args.use_lora:
-            with task.averaged():
-                save_lora(output, *task.unwrapped())
-        else:
-            task.export_pipeline(output)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return output
-
+    return task.export(Path(args.output_dir) / (LORA_DIR if args.use_lora else PIPELINE_DIR))
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from latentdiff.data import add_data_args, build_dataset
-from latentdiff.training.args import add_common_args, add_text_to_image_args, check_common_args, check_text_to_image_args
+from latentdiff.training.args import add_text_to_image_args, check_text_to_image_args
 from latentdiff.training.loop import train
 from latentdiff.training.models import load_models
 from latentdiff.training.run import count_parameters, log_run_start, make_accelerator
@@ -30,12 +30,10 @@ RUN_KIND = "ldm"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
     add_data_args(parser)
     add_text_to_image_args(parser)
     parser.set_defaults(train_batch_size=32, learning_rate=1e-4)
     args = parser.parse_args(argv)
-    check_common_args(args)
     check_text_to_image_args(args)
     return args
 
@@ -56,13 +54,7 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
 
     train(accelerator, args, task)
-
-    pipeline_dir = Path(args.output_dir) / PIPELINE_DIR
-    if accelerator.is_main_process:
-        task.export_pipeline(pipeline_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return pipeline_dir
+    return task.export(Path(args.output_dir) / PIPELINE_DIR)
 
 
 if __name__ == "__main__":

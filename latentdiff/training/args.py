@@ -132,8 +132,9 @@ def check_common_args(args) -> None:
 
 
 def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: bool = False) -> argparse.ArgumentParser:
-    """The flags of every script that trains a text-to-image UNet: the models, the noise schedule, the loss,
-    speed switches and validation. Fine-tuning scripts pass ``pipeline_required`` (a folder to start from)."""
+    """The flags of every script that trains a text-to-image UNet: the common ones, the models, the noise
+    schedule, the loss, speed switches and validation. Fine-tuning scripts pass ``pipeline_required``."""
+    add_common_args(parser)
     m = parser.add_argument_group("models")
     m.add_argument(
         "--pretrained_model_name_or_path", required=pipeline_required,
@@ -196,6 +197,7 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
 
 def check_text_to_image_args(args: argparse.Namespace) -> None:
     """Raise for the flags of `add_text_to_image_args` that would fail later, naming flag, value and what is allowed."""
+    check_common_args(args)
     for flag, value, table in (
         ("--unet_preset", args.unet_preset, UNET_PRESETS),
         ("--text_encoder_preset", args.text_encoder_preset, TEXT_ENCODER_PRESETS),

@@ -13,7 +13,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from latentdiff.training.checkpointing import TrainClock, load_checkpoint, resolve_resume, resumed_batches, save_checkpoint
+from latentdiff.training.checkpointing import (
+    TrainClock,
+    load_checkpoint,
+    resolve_resume,
+    resumed_batches,
+    save_checkpoint,
+)
 from latentdiff.training.progress import check_finite, progress_bar
 from latentdiff.training.run import images_per_step, step_generator
 
@@ -21,7 +27,7 @@ from latentdiff.training.run import images_per_step, step_generator
 logger = get_logger(__name__, log_level="INFO")
 
 
-def train(accelerator: Accelerator, args, task) -> "TrainingLoop":
+def train(accelerator: Accelerator, args, task) -> TrainingLoop:
     """Train ``task`` from its resumed step to --max_train_steps or --max_train_minutes; return the loop's state.
 
     Exact resume: N steps, a kill and a resume to 2N give the weights of 2N steps in one go, since the

@@ -18,7 +18,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from latentdiff.data.args import resolution_of
 from latentdiff.pipelines import LatentDiffPipeline
-from latentdiff.presets import sd_scheduler, text_encoder_from_preset, tokenizer_for, unet_from_preset, vae_scale_factor
+from latentdiff.presets import (
+    sd_scheduler,
+    text_encoder_from_preset,
+    tokenizer_for,
+    unet_from_preset,
+    vae_scale_factor,
+)
 from latentdiff.schedulers import DDPMScheduler
 
 

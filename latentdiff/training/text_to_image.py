@@ -4,7 +4,7 @@ trains and which loss term is added.
     task = TextToImage(accelerator, args, load_models(args), train_text_encoder=..., lora=...)
     task.prepare(task.cached(build_dataset(args)))   # data loader, optimizer, EMA, LR schedule, accelerate
     train(accelerator, args, task)                   # latentdiff.training.loop
-    task.export_pipeline(path)                       # or save_lora(path, *task.unwrapped())
+    task.export(path)                                # a pipeline folder, or the LoRA file
 
 A batch becomes a loss in ``loss``: latents z ~ q(z|x) (or from the latent cache), the text encoder's
 states with some captions dropped for classifier-free guidance, then ``diffusion_loss`` per sample,
@@ -12,6 +12,8 @@ plus the prior-preservation term for DreamBooth (pairs of instance and class ima
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -23,10 +25,16 @@ from latentdiff.text import tokenize
 from latentdiff.training.diffusion_loss import diffusion_loss, drop_captions, drop_text_states
 from latentdiff.training.dreambooth import join_prior_batch, prior_preservation_loss
 from latentdiff.training.ema import make_ema
-from latentdiff.training.lora import add_lora_adapters, register_lora_checkpointing
+from latentdiff.training.lora import add_lora_adapters, register_lora_checkpointing, save_lora
 from latentdiff.training.models import Models, weight_dtype
 from latentdiff.training.run import make_lr_scheduler, make_optimizer, resolve_train_steps
-from latentdiff.training.validation import averaged_weights, build_pipeline, export_pipeline, log_validation
+from latentdiff.training.validation import (
+    PIPELINE_DIR,
+    averaged_weights,
+    build_pipeline,
+    export_pipeline,
+    log_validation,
+)
 
 
 class TextToImage:
@@ -132,16 +140,23 @@ class TextToImage:
             )  # fmt: skip
         self.accelerator.wait_for_everyone()
 
-    def export_pipeline(self, path):
-        """Write the pipeline folder (EMA weights with --use_ema); the main process only."""
+    def export(self, path: Path) -> Path:
+        """Write what was trained (EMA weights with --use_ema) to ``path``: the LoRA file of the adapters
+        (diffusers' format), or a pipeline folder. Every process calls it; the main process writes."""
+        if self.accelerator.is_main_process:
+            with self.averaged():
+                if self.lora:
+                    save_lora(path, *[self.accelerator.unwrap_model(m) for m in self.trained])
+                else:
+                    export_pipeline(self.pipeline(), path)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return path
+
+    def export_pipeline_into(self, checkpoint: Path) -> Path:
+        """--save_pipeline_at_checkpoints: a pipeline folder inside a checkpoint (on the main process)."""
         with self.averaged():
-            return export_pipeline(self.pipeline(), path)
-
-    def export_pipeline_into(self, checkpoint):
-        return self.export_pipeline(checkpoint / "pipeline")
-
-    def unwrapped(self) -> list[torch.nn.Module]:
-        return [self.accelerator.unwrap_model(m) for m in self.trained]
+            return export_pipeline(self.pipeline(), checkpoint / PIPELINE_DIR)
 
 
 def latents_from_batch(batch: dict, vae: AutoencoderKL, generator: torch.Generator) -> torch.Tensor:
