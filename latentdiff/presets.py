@@ -1,12 +1,17 @@
 """Named sizes for the three networks of a latent diffusion model.
 
-Each preset is the keyword arguments of the diffusers / transformers class it builds, so a
-preset is also documentation of the exact architecture. ``sd15`` reproduces the shapes of
+A preset is a triple (UNet, VAE, text encoder) for one image size. Each network's own choices are
+the keyword arguments of the diffusers / transformers class it builds, so a preset is also
+documentation of the exact architecture; what couples the three is derived, never written twice:
+the VAE's ``sample_size`` is the image size, the UNet's is the image size over the VAE's
+downsampling factor, the UNet's ``cross_attention_dim`` is the text encoder's ``hidden_size`` and
+its input and output channels are the VAE's latent channels. ``sd15`` reproduces the shapes of
 Stable Diffusion 1.5 (UNet 859.5M, VAE 83.7M, CLIP ViT-L/14 text encoder 123.1M parameters).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.resources import files
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -15,119 +20,134 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from latentdiff.schedulers import DDIMScheduler
 
 TOKENIZER_DIR = str(files("latentdiff") / "tokenizer")
+CLIP_TEXT_DEFAULTS = dict(  # OpenAI's CLIP text tower: the vendored tokenizer's ids, 77 positions
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
 
-_DOWN2 = ("CrossAttnDownBlock2D", "DownBlock2D")
-_UP2 = ("UpBlock2D", "CrossAttnUpBlock2D")
 
-UNET_PRESETS: dict[str, dict] = {
-    # seconds on a CPU: for tests
-    "tiny": dict(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=_DOWN2,
-        up_block_types=_UP2,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent covers along each side: 2 ** (number of downsamplings), of an
+    ``AutoencoderKL`` or of its keyword arguments."""
+    config = getattr(vae, "config", vae)
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def default_image_size(vae, unet) -> int:
+    """The side of the images ``unet`` and ``vae`` make by default: the UNet's ``sample_size`` (its
+    latents' side; the height of a (height, width) one) times the VAE's downsampling factor."""
+    size = unet.config.sample_size
+    return (size[0] if isinstance(size, (list, tuple)) else size) * vae_scale_factor(vae)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model size: the image side in pixels and each network's own keyword arguments (see the
+    module docstring for what is derived from them)."""
+
+    image_size: int
+    unet: dict
+    vae: dict
+    text_encoder: dict
+
+    def __post_init__(self):
+        if self.image_size % vae_scale_factor(self.vae):
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the VAE's downsampling factor "
+                             f"{vae_scale_factor(self.vae)}")
+
+    def unet_kwargs(self) -> dict:
+        """``UNet2DConditionModel``'s keyword arguments; the up path mirrors the down path."""
+        down = self.unet["down_block_types"]
+        return {
+            **self.unet,
+            "up_block_types": tuple(block.replace("Down", "Up") for block in reversed(down)),
+            "sample_size": self.image_size // vae_scale_factor(self.vae),
+            "in_channels": self.vae["latent_channels"],
+            "out_channels": self.vae["latent_channels"],
+            "cross_attention_dim": self.text_encoder["hidden_size"],
+        }
+
+    def vae_kwargs(self) -> dict:
+        """``AutoencoderKL``'s keyword arguments: one encoder and one decoder block per width."""
+        levels = len(self.vae["block_out_channels"])
+        return {
+            "down_block_types": ("DownEncoderBlock2D",) * levels,
+            "up_block_types": ("UpDecoderBlock2D",) * levels,
+            **self.vae,
+            "sample_size": self.image_size,
+        }
+
+
+MODEL_PRESETS: dict[str, Preset] = {
+    # seconds on a CPU: for tests (f=2: 16 px images, 8x8 latents)
+    "tiny": Preset(
+        image_size=16,
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32),
+        # 32 positions, not CLIP's 77: README, "The text-to-image model"
+        text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=32),
     ),
-    # CPU training in minutes on 32-64 px images (8-16 px latents at f=4)
-    "small": dict(
-        sample_size=8,
-        block_out_channels=(64, 128, 128),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=128,
-        attention_head_dim=8,
-        norm_num_groups=32,
+    # CPU training in minutes on 32-64 px images (f=4: 8-16 px latents)
+    "small": Preset(
+        image_size=32,
+        unet=dict(
+            block_out_channels=(64, 128, 128),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        # narrow at full resolution, where a CPU spends its time: README, "Model presets"
+        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32),
+        text_encoder=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          max_position_embeddings=32),
     ),
-    # one GPU, 256 px images (32 px latents at f=8)
-    "base": dict(
-        sample_size=32,
-        block_out_channels=(192, 384, 768, 768),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=512,
-        attention_head_dim=8,
-        norm_num_groups=32,
+    # one GPU, 256 px images (f=8: 32 px latents)
+    "base": Preset(
+        image_size=256,
+        unet=dict(
+            block_out_channels=(192, 384, 768, 768),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, latent_channels=4, norm_num_groups=32),
+        text_encoder=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
     ),
-    # Stable Diffusion 1.5
-    "sd15": dict(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
+    # Stable Diffusion 1.5: 512 px, its VAE and CLIP ViT-L/14's text tower
+    "sd15": Preset(
+        image_size=512,
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                 scaling_factor=0.18215),
+        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          projection_dim=768),
     ),
 }
 
-VAE_PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        sample_size=32,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-    ),
-    # f=4: 32 px images -> 8x8x4 latents. Narrow at full resolution, where a CPU spends its time:
-    # (32, 64, 64) trains 3.4x faster than (64, 128, 128) and reached 26.6 vs 21.2 dB in 3 minutes.
-    "small": dict(
-        sample_size=32,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-    ),
-    # f=8: 256 px images -> 32x32x4 latents
-    "base": dict(
-        sample_size=256,
-        block_out_channels=(64, 128, 256, 256),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-    ),
-    "sd15": dict(
-        sample_size=512,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.18215,
-    ),
-}
-
-TEXT_ENCODER_PRESETS: dict[str, dict] = {
-    # 32 positions, not CLIP's 77: the built-in datasets' captions are at most 20 tokens, and on a CPU
-    # a small model's training step at 32 px (UNet and text encoder, batch 64) takes 1.36x as long with 77 (the tokenizer follows suit)
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=32),
-    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                  max_position_embeddings=32),
-    "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-    # CLIP ViT-L/14's text tower, as in SD 1.x
-    "sd15": dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        projection_dim=768,
-    ),
-}
-
-PRESETS = tuple(UNET_PRESETS)
+# each network's keyword arguments by preset name
+UNET_PRESETS: dict[str, dict] = {name: preset.unet_kwargs() for name, preset in MODEL_PRESETS.items()}
+VAE_PRESETS: dict[str, dict] = {name: preset.vae_kwargs() for name, preset in MODEL_PRESETS.items()}
+TEXT_ENCODER_PRESETS: dict[str, dict] = {name: dict(preset.text_encoder) for name, preset in MODEL_PRESETS.items()}
+PRESETS = tuple(MODEL_PRESETS)
 
 
 def _preset(table: dict[str, dict], kind: str, name: str) -> dict:
@@ -145,15 +165,8 @@ def vae_from_preset(name: str, **overrides) -> AutoencoderKL:
 
 
 def text_encoder_from_preset(name: str, **overrides) -> CLIPTextModel:
-    clip = dict(
-        vocab_size=49408,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    return CLIPTextModel(CLIPTextConfig(**{**clip, **_preset(TEXT_ENCODER_PRESETS, "text encoder", name), **overrides}))
+    preset = _preset(TEXT_ENCODER_PRESETS, "text encoder", name)
+    return CLIPTextModel(CLIPTextConfig(**{**CLIP_TEXT_DEFAULTS, **preset, **overrides}))
 
 
 def load_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
@@ -180,11 +193,6 @@ def sd_scheduler(**overrides) -> DDIMScheduler:
         timestep_spacing="leading",
     )
     return DDIMScheduler(**{**config, **overrides})
-
-
-def vae_scale_factor(vae: AutoencoderKL) -> int:
-    """How many pixels one latent covers along each side: 2 ** (number of downsamplings)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def pipeline_from_preset(name: str, seed: int = 0):

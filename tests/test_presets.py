@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from latentdiff.presets import (
+    MODEL_PRESETS,
     PRESETS,
+    Preset,
+    default_image_size,
     load_tokenizer,
     pipeline_from_preset,
     text_encoder_from_preset,
@@ -37,6 +40,25 @@ def test_presets_fit_together(name):
         unet, vae, text_encoder = unet_from_preset(name), vae_from_preset(name), text_encoder_from_preset(name)
     assert vae.config.latent_channels == unet.config.in_channels
     assert text_encoder.config.hidden_size == unet.config.cross_attention_dim
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_derive_the_couplings_from_the_image_size_and_the_text_encoder(name):
+    preset = MODEL_PRESETS[name]
+    with torch.device("meta"):
+        unet, vae = unet_from_preset(name), vae_from_preset(name)
+    assert vae.config.sample_size == default_image_size(vae, unet) == preset.image_size
+    assert unet.config.cross_attention_dim == preset.text_encoder["hidden_size"]
+
+
+def test_tiny_makes_16_px_images_and_its_vae_says_so():
+    assert MODEL_PRESETS["tiny"].image_size == 16 == vae_from_preset("tiny").config.sample_size
+
+
+def test_a_preset_whose_image_size_the_vae_cannot_divide_is_refused():
+    with pytest.raises(ValueError, match="image_size 20 is not a multiple of the VAE's downsampling factor 8"):
+        Preset(image_size=20, unet={}, vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4),
+               text_encoder=dict(hidden_size=8))
 
 
 def test_unknown_preset_names_the_choices():
