@@ -32,7 +32,7 @@ means only as much as the network sees. Two sources of features:
 - **A CLIP vision model given by path**: a local ``transformers`` folder of a
   ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` (or a full ``CLIPModel``) with
   safetensors weights; its pooled (projected, when it has a projection) embedding is the
-  feature. Pickle files (.pt, .pth, .bin, .ckpt) are refused: unpickling can run code.
+  feature. Pickle files (:data:`latentdiff.pickles.PICKLE_SUFFIXES`) are refused: unpickling can run code.
 
 FID (Heusel et al. 2017) is the Fréchet distance between Gaussians fitted to the two feature
 sets; it is biased at small sample sizes, so compare FIDs only at equal image counts. KID
@@ -57,6 +57,7 @@ from torch import nn
 from latentdiff.data import shapes
 from latentdiff.data.files import atomic_path, default_cache_dir, digest
 from latentdiff.data.transforms import to_tensor
+from latentdiff.pickles import pickle_only
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ OBJECTIVES = ("attributes", "contrastive")
 ATTRIBUTE_CLASSES: dict[str, tuple[str, ...]] = {
     "color": tuple(shapes.COLORS), "shape": shapes.SHAPES, "size": tuple(shapes.SIZES), "position": shapes.POSITIONS,
 }
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -348,7 +348,7 @@ def check_clip_path(path: str | Path) -> Path:
     """Refuse, with a message that says why, anything but a local CLIP folder with safetensors weights."""
     path = Path(path).expanduser()
     files = list(path.iterdir()) if path.is_dir() else [path]
-    if any(f.suffix.lower() in PICKLE_SUFFIXES for f in files) and not any(f.suffix == ".safetensors" for f in files):
+    if pickle_only(f.name for f in files):
         raise ValueError(f"{path}: pickle weights are not loaded (unpickling can run code); give a folder with "
                          "safetensors weights (model.save_pretrained(folder) writes them)")
     if not path.is_dir():

@@ -31,11 +31,12 @@ from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from latentdiff.pickles import pickle_only
+from latentdiff.presets import default_image_size, vae_scale_factor
 from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
 from latentdiff.text import encode_prompts
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # what a saved folder's model_index.json names as its pipeline class, so that diffusers can find it
 DIFFUSERS_PIPELINE = "StableDiffusionPipeline"
 # diffusers' scheduler class name -> ours; each is number-equal to the diffusers class it is named after
@@ -66,7 +67,7 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
@@ -126,7 +127,7 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ):
         """Sample images for ``prompt``; with ``guidance_scale`` > 1, classifier-free guidance
         (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond)."""
-        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        default_size = default_image_size(self.vae, self.unet)
         height = default_size if height is None else height
         width = default_size if width is None else width
         prompts, negative_prompts = self._check_inputs(
@@ -267,11 +268,10 @@ def _refuse_pickle_only_components(path: Path, index: dict) -> None:
         folder = path / name
         if name.startswith("_") or not isinstance(spec, list) or not folder.is_dir():
             continue
-        files = [f.name for f in folder.iterdir()]
-        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-        if pickles and not any(f.endswith(".safetensors") for f in files):
+        pickles = pickle_only(f.name for f in folder.iterdir())
+        if pickles:
             raise ValueError(
-                f"component {name!r} in {str(path)!r} has only pickle weights ({', '.join(sorted(pickles))}); "
+                f"component {name!r} in {str(path)!r} has only pickle weights ({', '.join(pickles)}); "
                 "loading pickle can run arbitrary code. Convert them to safetensors, or pass "
                 "allow_pickle=True if you trust where they came from."
             )

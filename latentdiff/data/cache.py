@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from latentdiff.data.dataset import EpochSeeded, pick_caption
 from latentdiff.data.files import atomic_path, default_cache_dir, digest
+from latentdiff.presets import vae_scale_factor
 from latentdiff.text import encode_prompts
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def _encode(dataset, positions: range, views: int, vae, text_encoder, tokenizer,
 
 
 def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     return vae.config.latent_channels, resolution // factor, resolution // factor
 
 
