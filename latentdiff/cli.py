@@ -1,8 +1,8 @@
 """The ``latentdiff`` command: ``demo``, ``generate``, ``eval``, ``info``, and the training scripts.
 
-``train-vae``, ``train`` and ``finetune`` run ``training/train_vae.py``, ``training/train_ldm.py`` and
-``training/finetune_lora.py`` of this source checkout with every other argument passed on unchanged
-(``latentdiff train --help`` is the script's help). Errors a user can fix (a wrong path, a bad
+``train-vae``, ``train`` and ``finetune`` run the training scripts ``train_vae.py``, ``train_ldm.py`` and
+``finetune_lora.py`` (the repository's ``training/``, installed as ``latentdiff.scripts``) with every other
+argument passed on unchanged (``latentdiff train --help`` is the script's help). Errors a user can fix (a wrong path, a bad
 option) end in one line on stderr and exit status 2.
 """
 
@@ -16,10 +16,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+import latentdiff.demo
+import latentdiff.evaluation
+from latentdiff import DDIMScheduler, DDPMScheduler, LatentDiffPipeline
+from latentdiff.data.args import BUILTIN_DATASETS
+from latentdiff.demo import DEMO_LDM_STEPS, DEMO_TRAIN_SAMPLES, DEMO_VAE_STEPS
+from latentdiff.features import check_clip_path
+from latentdiff.images import image_grid, save_png
+from latentdiff.presets import default_image_size, vae_scale_factor
+
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
 SCRIPT_ALIASES = {"train-vae": "train_vae.py", "train": "train_ldm.py", "finetune": "finetune_lora.py"}
-DEMO_VAE_STEPS, DEMO_LDM_STEPS = 1500, 900  # 4.0-4.7 + 9.1-10.8 minutes of training on 2 cores (measured)
-DEMO_TRAIN_SAMPLES = 8000
 
 
 class UsageError(Exception):
@@ -112,8 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_pipeline(model_dir: str):
-    from latentdiff import LatentDiffPipeline
-
     try:
         return LatentDiffPipeline.from_pretrained(model_dir)
     except (FileNotFoundError, ValueError) as error:  # our checks: missing folder, no model_index, pickle
@@ -121,10 +129,6 @@ def load_pipeline(model_dir: str):
 
 
 def make_scheduler(name: str, config):
-    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    from latentdiff import DDIMScheduler, DDPMScheduler
-
     classes = {
         "ddim": DDIMScheduler,
         "ddpm": DDPMScheduler,
@@ -135,19 +139,14 @@ def make_scheduler(name: str, config):
 
 
 def run_demo(args) -> None:
-    from latentdiff.demo import run_demo as demo
-
     try:
-        demo(args)
+        latentdiff.demo.run_demo(args)
     except subprocess.CalledProcessError as error:
         raise UsageError(f"a training stage failed (exit status {error.returncode}); see its output above") from error
 
 
 def check_eval_args(args) -> None:
     """Everything that can be checked before loading a model and generating."""
-    from latentdiff.data.args import BUILTIN_DATASETS
-    from latentdiff.features import check_clip_path
-
     if args.out and not Path(args.out).parent.is_dir():
         raise UsageError(f"cannot write {args.out!r}: the folder {str(Path(args.out).parent)!r} does not exist")
     if args.dataset not in BUILTIN_DATASETS and not Path(args.dataset).expanduser().exists():
@@ -160,8 +159,6 @@ def check_eval_args(args) -> None:
 
 
 def run_eval(args) -> None:
-    from latentdiff.evaluation import evaluate
-
     check_eval_args(args)
     pipe = load_pipeline(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -169,7 +166,7 @@ def run_eval(args) -> None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     try:
         with progress_messages():
-            results = evaluate(
+            results = latentdiff.evaluation.evaluate(
                 pipe, args.dataset, num_images=args.num_images, num_prompts=args.num_prompts,
                 images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                 seed=args.seed, feature_net=args.feature_net, feature_net_steps=args.feature_net_steps,
@@ -177,7 +174,7 @@ def run_eval(args) -> None:
     except ValueError as error:  # data: nothing usable, a bad column, too few images for FID
         raise UsageError(str(error)) from error
     results["model"] = str(Path(args.model_dir).resolve())
-    print_results(results)
+    latentdiff.evaluation.print_results(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
@@ -200,54 +197,16 @@ def progress_messages(logger_name: str = "latentdiff"):
         logger.setLevel(level)
 
 
-def print_results(results: dict) -> None:
-    from latentdiff.evaluation import format_by_color
-
-    fid, kid = results["fid"], results["kid"]
-    print(f"{results['generated_images']} generated vs {results['real_images']} held-out real images of "
-          f"{results['dataset']} at {results['resolution']} px")
-    if "note" in results:
-        print(f"note: {results['note']}")
-    print(f"{fid['name']}: {fid['value']:.4g}")
-    print(f"{kid['name']}: {kid['mean']:.4g} ± {kid['std']:.2g} ({kid['subsets']} subsets of {kid['subset_size']})")
-    if "vae_round_trip" in results:
-        r = results["vae_round_trip"]
-        print(f"VAE round trip ({r['images']} held-out images, the ceiling of adherence): color {r['color']:.0%}  "
-              f"shape {r['shape']:.0%}  position {r['position']:.0%}  color+shape {r['color_and_shape']:.0%}")
-        print(f"  color by name: {format_by_color(r['color_by_name'])}")
-    if "adherence" in results:
-        print(f"{'split':<9} {'images':>6} {'color':>6} {'shape':>6} {'size':>6} {'position':>8} {'color+shape':>11} {'all':>5}")
-        for split, r in results["adherence"].items():
-            print(f"{split:<9} {r['images']:>6} {r['color']:>6.0%} {r['shape']:>6.0%} {r['size']:>6.0%} "
-                  f"{r['position']:>8.0%} {r['color_and_shape']:>11.0%} {r['color_shape_position']:>5.0%}")
-        for split, r in results["adherence"].items():
-            print(f"{split} color by name: {format_by_color(r['color_by_name'])}")
-    if "retrieval" in results:
-        print(f"{'retrieval':<9} {'candidates':>10} {'top-1':>6} {'top-5':>6} {'chance top-1':>12} {'chance top-5':>12}")
-        for split, r in results["retrieval"].items():
-            if "skipped" in r:
-                print(f"{split:<9} {r['candidates']:>10}  skipped: {r['skipped']}")
-            else:
-                print(f"{split:<9} {r['candidates']:>10} {r['top1']:>6.0%} {r['top5']:>6.0%} "
-                      f"{r['chance_top1']:>12.1%} {r['chance_top5']:>12.1%}")
-
-
 def run_script(verb: str, script_args: list[str]) -> int:
     """Run a training script with ``script_args`` unchanged; its exit status is ours."""
-    from latentdiff import demo
-
     try:
-        command = demo.script_command(SCRIPT_ALIASES[verb])
+        command = latentdiff.demo.script_command(SCRIPT_ALIASES[verb])
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
     return subprocess.run([*command, *script_args]).returncode
 
 
 def run_generate(args) -> None:
-    import torch
-
-    from latentdiff.images import image_grid, save_png
-
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {args.out!r}: the folder {str(out.parent)!r} does not exist")
@@ -281,11 +240,9 @@ def run_generate(args) -> None:
 
 
 def run_info(args) -> None:
-    from latentdiff.presets import vae_scale_factor
-
     pipe = load_pipeline(args.model_dir)
     factor = vae_scale_factor(pipe.vae)
-    latent = pipe.unet.config.sample_size
+    side = default_image_size(pipe.vae, pipe.unet)
     rows = [
         ("unet", f"{sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M parameters, "
                  f"blocks {list(pipe.unet.config.block_out_channels)}, cross-attention {pipe.unet.config.cross_attention_dim}"),
@@ -296,7 +253,7 @@ def run_info(args) -> None:
         ("tokenizer", f"{type(pipe.tokenizer).__name__}, {len(pipe.tokenizer)} tokens, max {pipe.tokenizer.model_max_length}"),
         ("scheduler", f"{type(pipe.scheduler).__name__}, {pipe.scheduler.config.num_train_timesteps} train steps, "
                       f"{pipe.scheduler.config.beta_schedule}, {pipe.scheduler.config.get('prediction_type', 'epsilon')}"),
-        ("image size", f"{latent * factor}x{latent * factor} px (latents {latent}x{latent})"),
+        ("image size", f"{side}x{side} px (latents {side // factor}x{side // factor})"),
     ]
     for name, text in rows:
         print(f"{name:<13} {text}")

@@ -15,9 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from latentdiff.cli import DEMO_LDM_STEPS, DEMO_VAE_STEPS
-from latentdiff.data import shapes
+import torch
 
+from latentdiff.evaluation import DEFAULT_NUM_PROMPTS, print_results, shapes_adherence, shapes_vae_round_trip
+from latentdiff.images import image_grid, save_png
+from latentdiff.pipelines import LatentDiffPipeline
+
+DEMO_VAE_STEPS, DEMO_LDM_STEPS = 1500, 900  # optimizer steps of the two stages (their time: README, "The main job")
+DEMO_TRAIN_SAMPLES = 8000
 SCRIPTS_PACKAGE = "latentdiff.scripts"  # the repository's training/, as pyproject installs it
 VAE_SHARE_OF_MINUTES = 0.3
 UNCAPPED_STEPS = 1_000_000  # with --minutes and no step count: time ends the stage
@@ -71,10 +76,6 @@ def stage_lengths(args) -> tuple[list[str], list[str]]:
 
 def sample_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance: float):
     """Rows of prompts, columns of seeds."""
-    import torch
-
-    from latentdiff.images import image_grid
-
     images = pipe(
         [p for p in prompts for _ in range(seeds)],
         num_inference_steps=steps,
@@ -85,10 +86,6 @@ def sample_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance: floa
 
 
 def run_demo(args) -> dict:
-    from latentdiff import LatentDiffPipeline
-    from latentdiff.evaluation import format_by_color, shapes_adherence, shapes_vae_round_trip
-    from latentdiff.images import save_png
-
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolution = args.resolution or (32 if args.dataset == "shapes" else 64)
@@ -103,11 +100,7 @@ def run_demo(args) -> dict:
     vae_preset = ["--vae_preset", args.preset] if args.preset else []
     unet_preset = ["--unet_preset", args.preset] if args.preset else []
     vae_length, ldm_length = stage_lengths(args)
-    # the averaged weights of both stages are exported: for the VAE they hold the palette (purple read back
-    # as purple 99% of the time, against 64% for the last step's weights, README "Choosing the demo's settings").
-    # At 1,500 steps 1e-3 keeps the palette more reliably than train_vae's 2e-3 (tuned on shorter runs): over 4 runs
-    # each (benchmarks/sweep_vae.py), 96.7-100% of held-out colors read back against 89.4-99.2%, where one
-    # run turned 63% of greens yellow and made the demo draw green triangles blue; PSNR 32.3-34.1 vs 31.5-32.4 dB
+    # EMA weights, and 1e-3 rather than train_vae's 2e-3: they keep the palette (README, "The main job")
     run_stage("VAE", "train_vae.py", vae_dir, [*data, *vae_preset, *vae_length, "--learning_rate", "1e-3", "--use_ema"])
     run_stage(
         "text-to-image model",
@@ -118,18 +111,14 @@ def run_demo(args) -> dict:
             *unet_preset,
             "--pretrained_vae_name_or_path", str(vae_dir),
             *ldm_length,
-            # a short run from scratch. A sweep of the small preset on shapes (README, Benchmarks,
-            # "Choosing the demo's settings") reached 89% color+shape adherence after 1,000 steps of 64
-            # at 2e-3 with min-SNR weighting; 5e-4 or no min-SNR stayed below 45%, 3e-3 diverged.
+            # a short run from scratch, as the sweeps chose it (README, "Choosing the demo's settings")
             "--train_batch_size", "64",
             "--learning_rate", "2e-3",
             "--snr_gamma", "5",
-            "--lr_scheduler", "constant_with_warmup",  # cosine decay, in both stages, measured worse
+            "--lr_scheduler", "constant_with_warmup",
             "--lr_warmup_steps", "50",
-            # a frozen text encoder (its random initialisation): its states are cached with the latents, so a step
-            # costs the UNet alone (0.69 s against 0.85 s), and positions are learned. Measured on the same VAE
-            # (README, "Choosing the demo's settings"): 93% color+shape at 900 steps (74% at 600, 79-88% at 800),
-            # position 100%, against 7% position when the text encoder trains jointly.
+            # a frozen text encoder (its random initialisation): its states are cached with the latents and
+            # positions are learned (README, "Choosing the demo's settings")
             "--no-train_text_encoder",
             "--cache_latents",
             "--use_ema",
@@ -147,23 +136,14 @@ def run_demo(args) -> dict:
         settings = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
         metrics["vae_round_trip"] = shapes_vae_round_trip(pipe.vae, resolution)
         metrics["adherence"] = {
-            split: shapes_adherence(pipe, split, num_prompts=len(shapes.HELD_OUT) * 2, **settings)
+            split: shapes_adherence(pipe, split, num_prompts=DEFAULT_NUM_PROMPTS, **settings)
             for split in ("train", "held_out")
         }
         metrics["adherence_settings"] = settings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     print(f"\nwrote {grid_path} (rows: prompts, columns: seeds)")
-    if "adherence" in metrics:
-        for split, scores in metrics["adherence"].items():
-            print(f"{split:>9}: color {scores['color']:.0%}  shape {scores['shape']:.0%}  position {scores['position']:.0%}"
-                  f"  color+shape {scores['color_and_shape']:.0%}  ({scores['images']} images)")
-            print(f"{'':>9}  color by name: {format_by_color(scores['color_by_name'])}")
-    if "vae_round_trip" in metrics:
-        r = metrics["vae_round_trip"]
-        print(f"VAE round trip (the ceiling): color {r['color']:.0%}  shape {r['shape']:.0%}  "
-              f"position {r['position']:.0%}  color+shape {r['color_and_shape']:.0%}")
-        print(f"  color by name: {format_by_color(r['color_by_name'])}")
+    print_results(metrics)
     print(f"VAE held-out PSNR {metrics['vae'].get('psnr', float('nan')):.2f} dB; all numbers in {out / 'metrics.json'}")
     print("next:")
     print(f"  latentdiff generate {ldm_dir / 'pipeline'} \"a large red circle in the center\" -n 4 --out red.png")

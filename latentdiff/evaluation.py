@@ -31,8 +31,10 @@ from latentdiff.data import build_dataset, shapes
 from latentdiff.data.args import BUILTIN_DATASETS
 from latentdiff.features import fid, kid, load_features
 from latentdiff.images import to_pil
+from latentdiff.presets import default_image_size
 
 ATTRIBUTES = ("color", "shape", "size", "position")
+COMBINED = {"color_and_shape": ("color", "shape"), "color_shape_position": ("color", "shape", "position")}
 SPLITS = {"train": "train", "held_out": "validation"}  # our names -> the data module's
 MAX_REAL_IMAGES = 5000  # real images embedded for FID/KID; more only adds time
 DEFAULT_NUM_PROMPTS = len(shapes.HELD_OUT) * 2  # what the demo measures adherence on
@@ -86,17 +88,26 @@ def shapes_adherence(
     targets = [t for t in shapes_prompts(split, num_prompts, seed) for _ in range(images_per_prompt)]
     seeds = [seed + i for i in range(len(targets))]  # prompt i, image j: seed + i * images_per_prompt + j
     images = generate(pipe, [t["prompt"] for t in targets], seeds, num_inference_steps, guidance_scale, batch_size)
-    hits = {key: 0 for key in (*ATTRIBUTES, "color_and_shape", "color_shape_position")}
+    return {"split": split, **adherence_scores(targets, images)}
+
+
+def adherence_scores(targets: list[dict], images: list) -> dict:
+    """The fraction of ``images`` in which the shapes analyzer reads what their ``targets`` ask for: each
+    attribute (color, shape, size, position) that every target names, color and shape together, color,
+    shape and position together (where the targets name those), and the color read right per color name."""
+    asked = [a for a in ATTRIBUTES if all(a in t for t in targets)]
+    needs = {a: (a,) for a in asked}
+    needs.update({key: need for key, need in COMBINED.items() if set(need) <= set(asked)})
+    hits = dict.fromkeys(needs, 0)
     color_hits = []
     for target, image in zip(targets, images, strict=True):
         seen = shapes.analyze(image)
-        ok = {a: seen.get(a) == target[a] for a in ATTRIBUTES}
-        for a in ATTRIBUTES:
-            hits[a] += ok[a]
-        hits["color_and_shape"] += ok["color"] and ok["shape"]
-        hits["color_shape_position"] += ok["color"] and ok["shape"] and ok["position"]
-        color_hits.append((target["color"], ok["color"]))
-    return {"split": split, "images": len(targets), **{k: v / len(targets) for k, v in hits.items()},
+        ok = {a: seen.get(a) == target[a] for a in asked}
+        for key, need in needs.items():
+            hits[key] += all(ok[a] for a in need)
+        if "color" in ok:
+            color_hits.append((target["color"], ok["color"]))
+    return {"images": len(targets), **{k: v / len(targets) for k, v in hits.items()},
             "color_by_name": by_color(color_hits)}
 
 
@@ -122,32 +133,15 @@ def shapes_vae_round_trip(vae, resolution: int, num_images: int = 216, batch_siz
     VAE can score a fair PSNR and still turn green into purple: this shows it.)"""
     data = shapes.ShapesDataset(resolution=resolution, split="validation")
     indices = range(min(num_images, len(data)))
-    hits = {key: 0 for key in (*ATTRIBUTES, "color_and_shape")}
-    color_hits = []
-    device, dtype = vae.device, vae.dtype
+    images = []
     for start in range(0, len(indices), batch_size):
-        chunk = list(indices[start : start + batch_size])
-        x = torch.stack([data[i]["pixel_values"] for i in chunk]).to(device, dtype)  # (B, 3, R, R)
-        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu()
-        for i, image in zip(chunk, to_pil(decoded), strict=True):
-            target, seen = data.attributes(i), shapes.analyze(image)
-            ok = {a: seen.get(a) == target[a] for a in ATTRIBUTES}
-            for a in ATTRIBUTES:
-                hits[a] += ok[a]
-            hits["color_and_shape"] += ok["color"] and ok["shape"]
-            color_hits.append((target["color"], ok["color"]))
-    return {"images": len(indices), **{k: v / len(indices) for k, v in hits.items()}, "color_by_name": by_color(color_hits)}
+        chunk = indices[start : start + batch_size]
+        x = torch.stack([data[i]["pixel_values"] for i in chunk]).to(vae.device, vae.dtype)  # (B, 3, R, R)
+        images += to_pil(vae.decode(vae.encode(x).latent_dist.mean).sample.float().cpu())
+    return adherence_scores([data.attributes(i) for i in indices], images)
 
 
 # --- data and features -------------------------------------------------------------------------
-
-
-def pipeline_resolution(pipe) -> int:
-    """The side of the images the pipeline makes by default."""
-    from latentdiff.presets import vae_scale_factor
-
-    size = pipe.unet.config.sample_size
-    return (size[0] if isinstance(size, (list, tuple)) else size) * vae_scale_factor(pipe.vae)
 
 
 def eval_splits(dataset: str, resolution: int, data_cache_dir: str | None = None) -> dict:
@@ -267,7 +261,7 @@ def evaluate(pipe, dataset: str = "shapes", *, num_images: int = 128, num_prompt
     to metrics.json for the same steps, guidance and seed). ``feature_net``: a CLIP vision model folder;
     without it the in-domain feature net (cached under ``cache_dir``) is used, trained first if needed.
     """
-    splits = eval_splits(dataset, pipeline_resolution(pipe), data_cache_dir)
+    splits = eval_splits(dataset, default_image_size(pipe.vae, pipe.unet), data_cache_dir)
     if len(splits["held_out"]) < 2 or num_images < 2:  # before a feature net is trained for nothing
         raise ValueError(f"FID and KID need at least 2 real and 2 generated images; {splits['held_out'].name} has "
                          f"{len(splits['held_out'])} held-out images and {num_images} were asked for")
@@ -293,3 +287,36 @@ def evaluate(pipe, dataset: str = "shapes", *, num_images: int = 128, num_prompt
             split: caption_retrieval(pipe, data, features, num_prompts, **settings) for split, data in splits.items()
         }
     return results
+
+
+def print_results(results: dict) -> None:
+    """What :func:`evaluate` (or the demo) measured, as tables: FID/KID, the VAE round trip, prompt adherence
+    and caption retrieval, whichever ``results`` holds."""
+    if "fid" in results:
+        fid, kid = results["fid"], results["kid"]
+        print(f"{results['generated_images']} generated vs {results['real_images']} held-out real images of "
+              f"{results['dataset']} at {results['resolution']} px")
+        if "note" in results:
+            print(f"note: {results['note']}")
+        print(f"{fid['name']}: {fid['value']:.4g}")
+        print(f"{kid['name']}: {kid['mean']:.4g} ± {kid['std']:.2g} ({kid['subsets']} subsets of {kid['subset_size']})")
+    if "vae_round_trip" in results:
+        r = results["vae_round_trip"]
+        print(f"VAE round trip ({r['images']} held-out images, the ceiling of adherence): color {r['color']:.0%}  "
+              f"shape {r['shape']:.0%}  position {r['position']:.0%}  color+shape {r['color_and_shape']:.0%}")
+        print(f"  color by name: {format_by_color(r['color_by_name'])}")
+    if "adherence" in results:
+        print(f"{'split':<9} {'images':>6} {'color':>6} {'shape':>6} {'size':>6} {'position':>8} {'color+shape':>11} {'all':>5}")
+        for split, r in results["adherence"].items():
+            print(f"{split:<9} {r['images']:>6} {r['color']:>6.0%} {r['shape']:>6.0%} {r['size']:>6.0%} "
+                  f"{r['position']:>8.0%} {r['color_and_shape']:>11.0%} {r['color_shape_position']:>5.0%}")
+        for split, r in results["adherence"].items():
+            print(f"{split} color by name: {format_by_color(r['color_by_name'])}")
+    if "retrieval" in results:
+        print(f"{'retrieval':<9} {'candidates':>10} {'top-1':>6} {'top-5':>6} {'chance top-1':>12} {'chance top-5':>12}")
+        for split, r in results["retrieval"].items():
+            if "skipped" in r:
+                print(f"{split:<9} {r['candidates']:>10}  skipped: {r['skipped']}")
+            else:
+                print(f"{split:<9} {r['candidates']:>10} {r['top1']:>6.0%} {r['top5']:>6.0%} "
+                      f"{r['chance_top1']:>12.1%} {r['chance_top5']:>12.1%}")

@@ -48,9 +48,7 @@ def test_demo_length_in_steps_or_minutes():
         return [dict(zip(flags[::2], flags[1::2], strict=True))
                 for flags in demo.stage_lengths(build_parser().parse_args(["demo", *argv]))]
 
-    from latentdiff.cli import DEMO_LDM_STEPS, DEMO_VAE_STEPS
-
-    assert lengths() == [{"--max_train_steps": str(DEMO_VAE_STEPS)}, {"--max_train_steps": str(DEMO_LDM_STEPS)}]
+    assert lengths() == [{"--max_train_steps": str(demo.DEMO_VAE_STEPS)}, {"--max_train_steps": str(demo.DEMO_LDM_STEPS)}]
     vae, ldm = lengths("--minutes", "40")  # three tenths for the VAE; time, not steps, ends each stage
     assert (vae["--max_train_minutes"], ldm["--max_train_minutes"]) == ("12", "28")
     assert int(vae["--max_train_steps"]) > 10**5 and int(ldm["--max_train_steps"]) > 10**5
