@@ -10,15 +10,13 @@ compared. Also checks that the two produce the same images.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from datetime import date
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from results_file import write_result  # benchmarks/ is on sys.path when a script runs
+from results_file import result_header, write_result  # benchmarks/ is on sys.path when a script runs
 
 from latentdiff import pipeline_from_preset
 
@@ -63,10 +61,8 @@ def main() -> None:
 
     median = {name: statistics.median(t) for name, t in times.items()}
     result = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
-        "command": f"python benchmarks/bench_inference.py --preset {args.preset} --steps {args.steps} "
-        f"--batch {args.batch} --runs {args.runs} --dtype {args.dtype}",
+        **result_header(f"python benchmarks/bench_inference.py --preset {args.preset} --steps {args.steps} "
+                        f"--batch {args.batch} --runs {args.runs} --dtype {args.dtype}", args.device),
         "preset": args.preset,
         "dtype": args.dtype,
         "steps": args.steps,

@@ -12,18 +12,15 @@ same image count). Also the seconds each configuration took to sample.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from datetime import date
 
-import torch
-from results_file import write_result  # benchmarks/ is on sys.path when a script runs
+from results_file import result_header, write_result  # benchmarks/ is on sys.path when a script runs
 
 from latentdiff import LatentDiffPipeline
 from latentdiff.cli import SCHEDULERS, make_scheduler
-from latentdiff.data import shapes
-from latentdiff.evaluation import distribution_distance, eval_splits, pipeline_resolution, shapes_adherence
+from latentdiff.evaluation import DEFAULT_NUM_PROMPTS, distribution_distance, eval_splits, shapes_adherence
 from latentdiff.features import load_features
+from latentdiff.presets import default_image_size
 
 
 def main() -> None:
@@ -39,7 +36,7 @@ def main() -> None:
     pipe = LatentDiffPipeline.from_pretrained(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config
-    splits = eval_splits("shapes", pipeline_resolution(pipe))
+    splits = eval_splits("shapes", default_image_size(pipe.vae, pipe.unet))
     features = load_features(splits["train"], "shapes")
     rows = []
     print(f"{'sampler':<12} {'steps':>5} {'color+shape':>11} {'color':>6} {'shape':>6} {'FID':>8} {'KID':>8} {'seconds':>8}")
@@ -48,7 +45,7 @@ def main() -> None:
         for steps in args.steps:
             settings = dict(num_inference_steps=steps, guidance_scale=args.guidance, seed=0)
             start = time.perf_counter()
-            adherence = shapes_adherence(pipe, "train", num_prompts=len(shapes.HELD_OUT) * 2, **settings)
+            adherence = shapes_adherence(pipe, "train", num_prompts=DEFAULT_NUM_PROMPTS, **settings)
             distance = distribution_distance(pipe, splits["held_out"], features, args.fid_images, **settings)
             seconds = time.perf_counter() - start
             row = dict(sampler=name, steps=steps, color_and_shape=adherence["color_and_shape"],
@@ -58,9 +55,7 @@ def main() -> None:
             print(f"{name:<12} {steps:>5} {row['color_and_shape']:>11.0%} {row['color']:>6.0%} {row['shape']:>6.0%} "
                   f"{row['fid']:>8.3f} {row['kid']:>8.4f} {seconds:>8.1f}", flush=True)  # fmt: skip
     write_result(args.out, {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": f"python benchmarks/bench_samplers.py {args.model_dir} --fid_images {args.fid_images}",
+        **result_header(f"python benchmarks/bench_samplers.py {args.model_dir} --fid_images {args.fid_images}"),
         "model": str(args.model_dir),
         "features": distance["fid"]["name"],
         "adherence_images": adherence["images"],

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import platform
 import statistics
 import tempfile
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results_file import write_result  # benchmarks/ is on sys.path when a script runs
+from results_file import result_header, write_result  # benchmarks/ is on sys.path when a script runs
 
 from latentdiff.data import ShapesDataset, build_dataloader, cache_latents
 from latentdiff.presets import (
@@ -48,16 +44,7 @@ from latentdiff.schedulers import DDPMScheduler
 from latentdiff.training.args import add_common_args
 from latentdiff.training.diffusion_loss import diffusion_loss
 from latentdiff.training.run import make_optimizer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_train_ldm():
-    """training/train_ldm.py as a module (training/ is not a package), for its step's helpers."""
-    spec = importlib.util.spec_from_file_location("train_ldm", ROOT / "training" / "train_ldm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from latentdiff.training.text_to_image import latents_from_batch, text_states_from_batch
 
 
 def main() -> None:
@@ -73,7 +60,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/train.json")
     args = parser.parse_args()
-    train_ldm = load_train_ldm()
     device = torch.device(args.device)
 
     torch.manual_seed(0)
@@ -95,8 +81,8 @@ def main() -> None:
     def cached_step(unet, optimizer, batch, generator, lap):
         """The body of train_ldm's loop with --cache_latents and a frozen text encoder."""
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        latents = train_ldm.latents_from_batch(batch, vae, generator)  # (B, C, h, w)
-        states = train_ldm.text_states_from_batch(
+        latents = latents_from_batch(batch, vae, generator)  # (B, C, h, w)
+        states = text_states_from_batch(
             batch, tokenizer, text_encoder, empty_states, 0.1, generator, False
         )
         lap("encoding")
@@ -171,10 +157,9 @@ def main() -> None:
     saveable = reference_parts["loading"] + reference_parts["encoding"]
     bound = reference_total / (reference_total - saveable)
     result = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}",
-        "command": f"python benchmarks/bench_train.py --preset {args.preset} --resolution {args.resolution} "
-        f"--batch {args.batch} --samples {args.samples} --steps {args.steps} --warmup {args.warmup}",
+        **result_header(f"python benchmarks/bench_train.py --preset {args.preset} --resolution {args.resolution} "
+                        f"--batch {args.batch} --samples {args.samples} --steps {args.steps} --warmup {args.warmup}",
+                        args.device),
         "preset": args.preset,
         "resolution": args.resolution,
         "batch": args.batch,

@@ -36,25 +36,24 @@ import argparse
 import itertools
 import json
 import math
-import platform
 import shlex
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from results_file import write_result  # benchmarks/ is on sys.path when a script runs
+from results_file import result_header, write_result  # benchmarks/ is on sys.path when a script runs
 from safetensors.torch import load_file
 
 from latentdiff import LatentDiffPipeline
 from latentdiff.data import shapes
 from latentdiff.data.transforms import to_tensor
 from latentdiff.demo import run_stage
-from latentdiff.evaluation import generate, pipeline_resolution, shapes_adherence, shapes_prompts
+from latentdiff.evaluation import adherence_scores, generate, shapes_adherence, shapes_prompts
 from latentdiff.images import image_grid, save_png, to_pil
+from latentdiff.presets import default_image_size
 from latentdiff.training.checkpointing import checkpoint_state, list_checkpoints
 from latentdiff.training.lora import LORA_DIR, LORA_WEIGHT_NAME
 from latentdiff.training.validation import PIPELINE_DIR
@@ -159,7 +158,7 @@ def style_scores(images: list, targets: list[dict]) -> dict:
         return {
             "images": len(pairs),
             "hollow": sum(bool(shapes.is_hollow(i)) for i, _ in pairs) / len(pairs),
-            "color": sum(shapes.analyze(i)["color"] == t["color"] for i, t in pairs) / len(pairs),
+            "color": adherence_scores([t for _, t in pairs], [i for i, _ in pairs])["color"],
         }
 
     pairs = list(zip(images, targets, strict=True))
@@ -234,7 +233,7 @@ def write_style_data(folder: Path, num_images: int, resolution: int, seed: int) 
 def part_lora(args, settings: dict, results: Path) -> dict:
     out = Path(args.out) / "lora"
     pipe = load_base(args.base)
-    resolution = pipeline_resolution(pipe)
+    resolution = default_image_size(pipe.vae, pipe.unet)
     data = write_style_data(out / "data", args.style_images, resolution, args.seed)
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()[: args.ceiling_images]]
     originals = [Image.open(data / row["file_name"]).convert("RGB") for row in rows]
@@ -288,12 +287,10 @@ def subject_scores(pipe, args, settings: dict) -> dict:
     class_ = generate(pipe, [args.class_prompt] * num_images, seeds, **settings)
     words = args.class_prompt.split()
     named = {"color": next(w for w in words if w in shapes.COLORS), "shape": next(w for w in words if w in shapes.SHAPES)}
-    read = [shapes.analyze(i) for i in class_]
     return {
         "instance_prompt_subject": sum(map(has_subject, instance)) / num_images,
         "class_prompt_subject": sum(map(has_subject, class_)) / num_images,
-        "class_prompt_color_and_shape": sum(r["color"] == named["color"] and r["shape"] == named["shape"]
-                                            for r in read) / num_images,
+        "class_prompt_color_and_shape": adherence_scores([named] * num_images, class_)["color_and_shape"],
         "base_prompts": shapes_adherence(pipe, "train", num_prompts=args.num_prompts, seed=args.seed, **settings),
     }  # fmt: skip
 
@@ -301,7 +298,7 @@ def subject_scores(pipe, args, settings: dict) -> dict:
 def part_dreambooth(args, settings: dict, results: Path) -> dict:
     out = Path(args.out) / "dreambooth"
     pipe = load_base(args.base)
-    resolution = pipeline_resolution(pipe)
+    resolution = default_image_size(pipe.vae, pipe.unet)
     instance_dir = out / "instance"
     instance_dir.mkdir(parents=True, exist_ok=True)
     for k in range(args.instance_images):
@@ -405,7 +402,7 @@ def main() -> None:
     g = parser.add_argument_group("(a) LoRA")
     g.add_argument("--style_images", type=int, default=2000, help="hollow shapes to train on")
     g.add_argument("--ceiling_images", type=int, default=216, help="training images sent through the VAE")
-    # on the demo's model: 150 steps made 3% of images hollow, 450 steps 32% (circles 61%), still rising
+    # long enough for the style to show (shorter runs: README, "Fine-tuning the demo's model")
     g.add_argument("--lora_steps", type=int, default=1000)
     g.add_argument("--lora_batch", type=int, default=32)
     g.add_argument("--lora_rank", type=int, default=4, help="rank of both adapters, (a) and (b)")
@@ -423,9 +420,7 @@ def main() -> None:
     d.add_argument("--subject_images", type=int, default=32, help="images measured per instance and class prompt")
     d.add_argument("--dreambooth_full", action="store_true",
                    help="fine-tune every UNet weight instead of a LoRA (the adapter size is then the UNet's)")
-    # on the demo's model (frozen text encoder), 400 steps at 2e-4: with a LoRA on the text encoder too the subject
-    # came on 97% of instance-prompt images and 97% of class-prompt images stayed red circles; with the UNet's
-    # LoRA alone 0% and 9% (the identifier's states barely differ from the class prompt's)
+    # the text encoder's LoRA is what teaches the identifier (README, "Fine-tuning the demo's model")
     d.add_argument("--dreambooth_train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="train the text encoder too (a LoRA on it, or all of it with --dreambooth_full)")
     args = parser.parse_args()
@@ -445,15 +440,13 @@ def main() -> None:
     settings = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
 
     base = load_base(args.base)
-    checks = check_classifiers(pipeline_resolution(base), args.seed)
+    checks = check_classifiers(default_image_size(base.vae, base.unet), args.seed)
     print(f"classifiers on real renders: is_hollow {checks['is_hollow']['accuracy']:.1%} of "
           f"{checks['is_hollow']['filled']} filled + {checks['is_hollow']['hollow']} hollow; has_subject "
           f"{checks['has_subject']['accuracy']:.1%} of {checks['has_subject']['subject']} subjects + "
           f"{checks['has_subject']['others']} other shapes", flush=True)  # fmt: skip
     result = {
-        "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": shlex.join(["python", "benchmarks/demo_finetune.py", *sys.argv[1:]]),
+        **result_header(shlex.join(["python", "benchmarks/demo_finetune.py", *sys.argv[1:]])),
         "base": str(args.base),
         "generation": {**settings, "scheduler": type(base.scheduler).__name__, "seed": args.seed},
         "classifier_checks": checks,

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from latentdiff import LatentDiffPipeline
-from latentdiff.data import shapes
-from latentdiff.evaluation import shapes_adherence
+from latentdiff.evaluation import DEFAULT_NUM_PROMPTS, shapes_adherence
 
 KEYS = ("color", "shape", "position", "color_and_shape")
 
@@ -38,7 +37,7 @@ def main() -> None:
         final = folder == run / "pipeline"
         row = {"run": run.name, "ckpt": "final" if final else folder.parent.name}
         for split in ("train", "held_out") if final else ("train",):
-            scores = shapes_adherence(pipe, split, num_prompts=len(shapes.HELD_OUT) * 2, num_inference_steps=25,
+            scores = shapes_adherence(pipe, split, num_prompts=DEFAULT_NUM_PROMPTS, num_inference_steps=25,
                                       guidance_scale=7.5, seed=0, batch_size=72)  # fmt: skip
             row[split] = {k: round(scores[k], 3) for k in KEYS}
         with open(args.out, "a") as f:
