@@ -78,6 +78,15 @@ def main() -> None:
         cache_seconds = time.perf_counter() - start
     empty_states = cached.null_encoder_hidden_states[None].to(device)  # (1, L, D)
 
+    def backward_and_step(loss, unet, optimizer, lap):
+        """What both loops do with their loss: backward, clip the gradients to norm 1, step."""
+        loss.backward()
+        lap("UNet forward + backward")
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+
     def cached_step(unet, optimizer, batch, generator, lap):
         """The body of train_ldm's loop with --cache_latents and a frozen text encoder."""
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -88,12 +97,7 @@ def main() -> None:
         lap("encoding")
         loss = diffusion_loss(lambda x, t, c: unet(x, t, encoder_hidden_states=c, return_dict=False)[0],
                               latents, states, noise_scheduler, generator=generator)  # fmt: skip
-        loss.backward()
-        lap("UNet forward + backward")
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lap("optimizer")
+        backward_and_step(loss, unet, optimizer, lap)
 
     def reference_step(unet, optimizer, batch, generator, lap):
         """diffusers' train_text_to_image: encode the batch with the VAE and the text encoder, every step."""
@@ -113,12 +117,7 @@ def main() -> None:
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        lap("UNet forward + backward")
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lap("optimizer")
+        backward_and_step(loss, unet, optimizer, lap)
 
     # train_ldm's optimizer is the shared machinery's (make_optimizer); diffusers' script uses plain AdamW
     common = add_common_args(argparse.ArgumentParser()).parse_args(
