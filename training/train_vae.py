@@ -68,8 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_heldout_images", type=int, default=360, help="Held-out images for the metrics.")
     g.add_argument("--num_grid_images", type=int, default=8)
     g.add_argument("--scaling_factor_images", type=int, default=1024, help="Training images to measure it on.")
-    # CPU defaults, from short runs on shapes at 32 px (see the report of issue #4): batch 8 beats 4 and 16
-    # per image seen, lr 2e-3 beats 1e-3 and 4e-3, and L2 is needed (L1 alone stalls on the white background)
+    # CPU defaults for shapes at 32 px, chosen by short runs (README, "The autoencoder")
     parser.set_defaults(
         train_batch_size=8,
         learning_rate=2e-3,
@@ -113,8 +112,8 @@ def check_args(args, vae: AutoencoderKL) -> None:
     factor = vae_scale_factor(vae)
     if args.resolution % factor:
         raise ValueError(
-            f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor} "
-            f"({len(vae.config.block_out_channels) - 1} downsamplings): use a multiple of {factor}"
+            f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor}: "
+            f"use a multiple of {factor}"
         )
     for name in ("num_heldout_images", "num_grid_images", "scaling_factor_images", "disc_channels", "disc_layers"):
         if getattr(args, name) < 1:

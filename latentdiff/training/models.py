@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from latentdiff.data.args import resolution_of
 from latentdiff.pipelines import LatentDiffPipeline
 from latentdiff.presets import (
+    default_image_size,
     sd_scheduler,
     text_encoder_from_preset,
     tokenizer_for,
@@ -72,7 +73,7 @@ def load_models(args) -> Models:
         text_encoder = text_encoder_from_preset(args.text_encoder_preset or args.unet_preset or "small")
     if tokenizer is None:
         tokenizer = tokenizer_for(text_encoder)
-    resolution = resolution_of(args, native_resolution(vae, unet) if unet is not None else None)
+    resolution = resolution_of(args, default_image_size(vae, unet) if unet is not None else None)
     if unet is None:
         # sample_size only sets the pipeline's default image size: the training resolution
         unet = unet_from_preset(args.unet_preset or "small", sample_size=resolution // vae_scale_factor(vae))
@@ -108,11 +109,6 @@ def training_scheduler(config: Mapping, **overrides) -> DDPMScheduler:
             "(Lin et al. 2024 §3.2): add --prediction_type v_prediction"
         )
     return scheduler
-
-
-def native_resolution(vae: AutoencoderKL, unet) -> int:
-    """The image side a pipeline samples by default: the UNet's sample size in pixels."""
-    return unet.config.sample_size * vae_scale_factor(vae)
 
 
 def check_models(vae, text_encoder, unet, resolution: int) -> None:

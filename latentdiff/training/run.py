@@ -20,8 +20,6 @@ from diffusers.optimization import get_scheduler
 
 import latentdiff
 
-logger = logging.getLogger(__name__)
-
 RUN_FILE = "latentdiff_run.json"
 
 
@@ -102,7 +100,7 @@ def make_optimizer(args, params) -> torch.optim.AdamW:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
-        # one kernel over all parameters: on a CPU the small UNet's step drops from 0.22 s to 0.07 s
+        # one kernel over all parameters (README, "Training throughput": the optimizer column)
         fused=True,
     )
 
