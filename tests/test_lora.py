@@ -16,18 +16,21 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scripts import load_script, run_script
 
 from latentdiff import LatentDiffPipeline
 from latentdiff.training import text_to_image
 from latentdiff.training.lora import (
+    KOHYA_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
     add_lora,
     load_lora,
     save_lora,
+    save_lora_kohya,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,3 +342,152 @@ def test_an_incompatible_transformers_and_peft_fail_in_one_line_before_training(
     monkeypatch.delattr(lora.transformers_peft, "MIN_PEFT_VERSION")  # older transformers check nothing
     installed["peft"] = "0.11.0"
     lora.check_peft_compatible()
+
+
+# kohya-ss sd-scripts' format (networks/lora.py), what AUTOMATIC1111 and ComfyUI load; diffusers' loader converts it
+
+KOHYA_SUFFIXES = {"lora_down.weight", "lora_up.weight", "alpha"}
+
+
+def kohya_names(pipe):
+    """kohya's name of each layer the adapters target: prefix + module path, "." -> "_"; the text encoder's
+    under transformers 4's text_model wrapper, as sd-scripts (transformers 4.54) names it."""
+    unet = {f"lora_unet_{n}".replace(".", "_") for n in targeted_linears(pipe.unet, UNET_TARGET_MODULES)}
+    text = targeted_linears(pipe.text_encoder, TEXT_ENCODER_TARGET_MODULES)
+    return unet | {f"lora_te_text_model_{n}".replace(".", "_") for n in text}
+
+
+def trained_adapters(base_dir, rank=2, alpha=4.0, text_encoder=True):
+    pipe = load(base_dir)
+    add_lora(pipe.unet, UNET_TARGET_MODULES, rank=rank, alpha=alpha)
+    if text_encoder:
+        add_lora(pipe.text_encoder, TEXT_ENCODER_TARGET_MODULES, rank=rank, alpha=alpha)
+    randomize_adapters(pipe.unet, pipe.text_encoder)
+    return pipe
+
+
+def test_kohya_file_names_each_layer_as_sd_scripts_does_with_its_alpha(base_dir, tmp_path):
+    names = kohya_names(load(base_dir))
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_out_0" in names
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in names
+    trained = trained_adapters(base_dir, rank=2, alpha=3.0)  # alpha / rank = 1.5
+
+    path = save_lora_kohya(tmp_path / "lora", trained.unet, trained.text_encoder)
+    assert path == tmp_path / "lora" / KOHYA_WEIGHT_NAME
+    weights = load_file(path)
+    by_layer = {}
+    for key in weights:
+        layer, _, suffix = key.partition(".")
+        by_layer.setdefault(layer, set()).add(suffix)
+    assert by_layer.keys() == names and len(names) == 32 + 8
+    assert all(suffixes == KOHYA_SUFFIXES for suffixes in by_layer.values())
+    for layer in names:
+        alpha, down, up = (weights[f"{layer}.{s}"] for s in ("alpha", "lora_down.weight", "lora_up.weight"))
+        assert alpha.shape == () and alpha.dtype == torch.float32 and alpha.item() == 3.0
+        assert down.shape[0] == 2 and up.shape[1] == 2  # A (r x in), B (out x r)
+    # the weights are peft's A and B
+    q = trained.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert torch.equal(weights[f"{prefix}.lora_down.weight"], q.lora_A["default"].weight)
+    assert torch.equal(weights[f"{prefix}.lora_up.weight"], q.lora_B["default"].weight)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata == {"ss_network_module": "networks.lora", "ss_network_dim": "2", "ss_network_alpha": "3.0"}
+
+    # the UNet alone: lora_unet_ keys only
+    save_lora_kohya(tmp_path / "unet_only", trained.unet)
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "unet_only" / KOHYA_WEIGHT_NAME))
+
+
+def test_kohya_file_gives_the_images_of_the_diffusers_file_here_and_in_diffusers(base_dir, tmp_path):
+    trained = trained_adapters(base_dir)  # alpha 4, rank 2: a file without its alphas would give other images
+    save_lora(tmp_path / "diffusers", trained.unet, trained.text_encoder)
+    save_lora_kohya(tmp_path / "kohya", trained.unet, trained.text_encoder)
+    base = generate(load(base_dir))
+
+    for pipeline in (LatentDiffPipeline, StableDiffusionPipeline):
+        images = {}
+        for kind in ("diffusers", "kohya"):
+            pipe = pipeline.from_pretrained(base_dir)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.load_lora_weights(tmp_path / kind)  # the folder: diffusers' loader finds the one file there
+            images[kind] = generate(pipe)
+        assert np.abs(images["kohya"] - images["diffusers"]).max() <= 1e-5, pipeline.__name__
+        assert np.abs(images["kohya"] - base).max() > 1e-2
+        if pipeline is LatentDiffPipeline:
+            assert pipe.unet.peft_config["default_0"].lora_alpha == 4.0
+            assert pipe.text_encoder.peft_config["default_0"].lora_alpha == 4.0
+            reference = images["diffusers"]
+
+    # our checked loader reads the folder and the file
+    for path in (tmp_path / "kohya", tmp_path / "kohya" / KOHYA_WEIGHT_NAME):
+        ours = load(base_dir)
+        load_lora(ours, path)
+        assert np.abs(generate(ours) - reference).max() <= 1e-5
+    # with both files in one folder, diffusers' is the one read, by diffusers' loader and ours
+    (tmp_path / "diffusers" / KOHYA_WEIGHT_NAME).write_bytes((tmp_path / "kohya" / KOHYA_WEIGHT_NAME).read_bytes())
+    ours = load(base_dir)
+    load_lora(ours, tmp_path / "diffusers")
+    assert np.abs(generate(ours) - reference).max() <= 1e-5
+
+
+OTHER_MODELS = {
+    # a UNet whose query projections are named differently
+    "renamed": (("_attn1_to_q.", "_attn1_query."), r"'down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.query'"),
+    # a deeper UNet (SD's 4 down blocks; the tiny one has 2)
+    "deeper unet": (("lora_unet_down_blocks_0_", "lora_unet_down_blocks_3_"), r"'down_blocks\.3\.attentions\.0\..*'"),
+    # a 12-layer text encoder (SD's; the tiny one has 2)
+    "deeper text encoder": (("_encoder_layers_1_", "_encoder_layers_11_"), r"'encoder\.layers\.11\.self_attn\..*'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("other", OTHER_MODELS)
+def test_kohya_file_for_another_model_is_refused_before_any_image(base_dir, tmp_path, other):
+    (old, new), layer = OTHER_MODELS[other]
+    trained = trained_adapters(base_dir)
+    good = save_lora_kohya(tmp_path / "good", trained.unet, trained.text_encoder)
+    weights = load_file(good)
+    renamed = {k.replace(old, new): v for k, v in weights.items()}
+    assert renamed.keys() != weights.keys()
+    (tmp_path / "other").mkdir()
+    save_file(renamed, tmp_path / "other" / KOHYA_WEIGHT_NAME)
+
+    ours = load(base_dir)
+    calls = []
+    ours.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=rf"of 80 LoRA weights match no layer of this pipeline, .*\(no layer {layer}"):
+        load_lora(ours, tmp_path / "other")
+    assert not ours.get_list_adapters() and not calls  # nothing loaded, nothing generated
+
+
+def test_unknown_save_format_is_refused_by_the_parser(finetune_lora, base_dir, image_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(finetune_lora, flags(base_dir, image_dir, tmp_path / "run", "--max_train_steps", 1, "--save_format", "a1111"))
+    assert re.search(r"--save_format: invalid choice: 'a1111' \(choose from '?diffusers'?, '?kohya'?\)", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_lora_saves_kohya_format(finetune_lora, base_dir, image_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = flags(
+        base_dir, image_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2, "--rank", 2, "--lora_alpha", 4,
+        "--train_text_encoder", "--save_format", "kohya",
+    )  # fmt: skip
+    lora_dir = run(finetune_lora, argv)
+
+    assert sorted(p.name for p in lora_dir.iterdir()) == [KOHYA_WEIGHT_NAME]  # instead of diffusers' file
+    weights = load_file(lora_dir / KOHYA_WEIGHT_NAME)
+    assert {k.partition(".")[0] for k in weights} == kohya_names(load(base_dir))
+    assert len(weights) == 3 * (32 + 8)
+    assert all(v.item() == 4.0 for k, v in weights.items() if k.endswith(".alpha"))
+    # checkpoints keep diffusers' format (resume reads it): the same adapters, the same images
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / LORA_WEIGHT_NAME).is_file()
+    images = []
+    for path in (lora_dir, checkpoint / LORA_WEIGHT_NAME):
+        pipe = load(base_dir)
+        load_lora(pipe, path)
+        images.append(generate(pipe))
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
+    assert np.abs(images[0] - generate(load(base_dir))).max() > 1e-3

@@ -7,7 +7,8 @@ attention projections (and, with --train_text_encoder, the text encoder's), the 
 
 Takes the data flags of train_ldm.py (images + captions; --resolution defaults to the pipeline's own size).
 Writes checkpoints (adapters and optimizer state only) to output_dir/checkpoints, validation grids to
-output_dir/validation and, at the end, output_dir/lora/pytorch_lora_weights.safetensors in diffusers' format:
+output_dir/validation and, at the end, output_dir/lora/pytorch_lora_weights.safetensors in diffusers' format
+(--save_format kohya: pytorch_lora_weights_kohya.safetensors in kohya-ss' keys, for AUTOMATIC1111/ComfyUI):
 
     pipe = LatentDiffPipeline.from_pretrained("out/ldm/pipeline")   # or diffusers' StableDiffusionPipeline
     pipe.load_lora_weights("out/lora/lora")

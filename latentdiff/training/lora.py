@@ -1,5 +1,7 @@
 """LoRA adapters (Hu et al. 2022) through peft, the way diffusers integrates it; saved and loaded in diffusers'
-format, so `pipe.load_lora_weights(folder)` works on LatentDiffPipeline and on StableDiffusionPipeline alike.
+format, so `pipe.load_lora_weights(folder)` works on LatentDiffPipeline and on StableDiffusionPipeline alike, or in
+kohya-ss sd-scripts' format (`lora_unet_..._to_q.lora_down.weight`, `.alpha`), which AUTOMATIC1111 and ComfyUI read
+and diffusers' loader converts.
 
 A LoRA layer adds a low-rank update to a frozen linear map W (out x in): h = W x + (alpha / r) B A x, with
 A (r x in) and B (out x r) trained and B starting at zero, so training starts exactly from the base model
@@ -8,7 +10,8 @@ A (r x in) and B (out x r) trained and B starting at zero, so training starts ex
     add_lora(unet, UNET_TARGET_MODULES, rank=4)              # base frozen, adapters trainable
     register_lora_checkpointing(accelerator, unet)            # checkpoints hold the adapters only
     save_lora(out / "lora", unet)                             # pytorch_lora_weights.safetensors
-    load_lora(pipe, out / "lora")                             # every weight must find its layer
+    save_lora_kohya(out / "lora", unet)                       # pytorch_lora_weights_kohya.safetensors
+    load_lora(pipe, out / "lora")                             # either; every weight must find its layer
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from diffusers.utils import (
 from diffusers.utils.peft_utils import get_adapter_name
 from packaging.version import Version
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers.integrations import peft as transformers_peft
 
 from latentdiff.data.files import atomic_path
@@ -39,6 +44,11 @@ from latentdiff.pipelines import LatentDiffPipeline
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights looks for
+# load_lora_weights(folder) reads it when it is the folder's only .safetensors (diffusers' name first otherwise)
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+SAVE_FORMATS = ("diffusers", "kohya")
+# kohya-ss sd-scripts, networks/lora.py: LORA_PREFIX_UNET, LORA_PREFIX_TEXT_ENCODER
+KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
 LORA_DIR = "lora"
 ADAPTER_NAME = "default"
 # the key prefix of each component in a LoRA file, and how its keys become peft's when a checkpoint is resumed
@@ -57,6 +67,14 @@ def add_lora_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="alpha: the update is scaled by alpha / rank. Default: the rank (scale 1).",
     )
     g.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the adapters' input.")
+    g.add_argument(
+        "--save_format",
+        choices=SAVE_FORMATS,
+        default="diffusers",
+        help=f"The exported LoRA file: diffusers' {LORA_WEIGHT_NAME}, or {KOHYA_WEIGHT_NAME} in kohya-ss sd-scripts' "
+        "keys (lora_unet_..., lora_te_..., .alpha), the file AUTOMATIC1111 and ComfyUI load, instead. Either opens "
+        "with pipe.load_lora_weights(folder); checkpoints stay in diffusers' format. Default: diffusers.",
+    )
     return parser
 
 
@@ -148,6 +166,41 @@ def save_lora(directory: str | Path, unet, text_encoder=None) -> Path:
     return path
 
 
+def kohya_lora_layers(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The adapter weights of `model` (unwrapped) under kohya-ss sd-scripts' key names (networks/lora.py): the
+    prefix and the layer's module path joined with "_", then lora_down (A), lora_up (B) and the layer's alpha
+    as a 0-d tensor, kohya's scale being alpha / rank as peft's is."""
+    # kohya names the text encoder's layers as transformers 4's CLIPTextModel did; transformers 5 dropped the
+    # text_model wrapper (diffusers' loader strips the prefix again)
+    flattened = prefix == KOHYA_PREFIXES["text_encoder"] and not hasattr(model, "text_model")
+    root = "text_model." if flattened else ""
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            kohya_name = f"{prefix}.{root}{name}".replace(".", "_")
+            down, up = module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight
+            weights[f"{kohya_name}.lora_down.weight"] = down.detach().cpu().contiguous()
+            weights[f"{kohya_name}.lora_up.weight"] = up.detach().cpu().contiguous()
+            weights[f"{kohya_name}.alpha"] = torch.tensor(float(module.lora_alpha[ADAPTER_NAME]))
+    return weights
+
+
+def save_lora_kohya(directory: str | Path, unet, text_encoder=None) -> Path:
+    """Write the adapters of `unet` (and `text_encoder`) as directory/pytorch_lora_weights_kohya.safetensors in
+    kohya-ss sd-scripts' format, with the metadata sd-scripts writes that AUTOMATIC1111 shows (ss_network_*).
+    Written under a temporary name and renamed, as `save_lora` does."""
+    weights = kohya_lora_layers(unet, KOHYA_PREFIXES["unet"])
+    if text_encoder is not None:
+        weights |= kohya_lora_layers(text_encoder, KOHYA_PREFIXES["text_encoder"])
+    config = unet.peft_config[ADAPTER_NAME]
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                "ss_network_alpha": str(config.lora_alpha)}  # fmt: skip
+    path = Path(directory) / KOHYA_WEIGHT_NAME
+    with atomic_path(path) as tmp:
+        save_file(weights, tmp, metadata=metadata)
+    return path
+
+
 def _module_of(key: str) -> str:
     """The layer a LoRA weight belongs to: the key up to its first "lora..." part."""
     parts = key.split(".")
@@ -155,44 +208,73 @@ def _module_of(key: str) -> str:
     return ".".join(parts[:end])
 
 
-def unmatched_lora_keys(pipe, state_dict: dict) -> list[str]:
-    """The keys of a LoRA state dict (diffusers' format) that name no linear or conv layer of `pipe`."""
-    layers = {}
-    for component in COMPONENTS:
-        model = getattr(pipe, component, None)
-        if model is not None:
-            layers[component] = {
-                name for name, module in model.named_modules()
-                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, BaseTunerLayer))
-            }  # fmt: skip
-    unmatched = []
+def _layers_named(model, component: str, keys: list[str]) -> list[str]:
+    """The layer each LoRA weight key of `component` (its prefix removed) names, as diffusers' loader resolves it:
+    diffusers' old and new names (a converted kohya file has the old ones) become peft's, and the text_model
+    prefix goes where transformers 5's CLIPTextModel has no such wrapper."""
+    if component == "text_encoder":
+        try:
+            keys = list(convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict.fromkeys(keys))))
+        except ValueError:  # neither naming: no layer to find
+            pass
+        if not hasattr(model, "text_model"):
+            keys = [k.removeprefix("text_model.") for k in keys]
+    else:
+        keys = list(convert_unet_state_dict_to_peft(dict.fromkeys(keys)))
+    return [_module_of(k) for k in keys]
+
+
+def unmatched_lora_keys(pipe, state_dict: dict) -> dict[str, str]:
+    """The keys of a LoRA state dict (diffusers' format, as `pipe.lora_state_dict` gives it) that name no linear
+    or conv layer of `pipe`, each with the layer it names."""
+    by_component = {}
     for key in state_dict:
         component, _, rest = key.partition(".")
-        if _module_of(rest) not in layers.get(component, ()):
-            unmatched.append(key)
+        by_component.setdefault(component, []).append(rest)
+    unmatched = {}
+    for component, keys in by_component.items():
+        model = getattr(pipe, component, None) if component in COMPONENTS else None
+        layers = set() if model is None else {
+            name for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, BaseTunerLayer))
+        }  # fmt: skip
+        for key, layer in zip(keys, _layers_named(model, component, keys), strict=True):
+            if layer not in layers:
+                unmatched[f"{component}.{key}"] = layer
     return unmatched
 
 
-def load_lora(pipe, path: str | Path, adapter_name: str | None = None) -> str:
-    """Load LoRA weights (a folder holding pytorch_lora_weights.safetensors, or the file) into `pipe`'s UNet
-    and text encoder; return the adapter's name (for `pipe.set_adapters`).
-
-    diffusers' `load_lora_weights` leaves out weights that match no layer with at most a logged warning (a
-    LoRA made for another model then changes nothing, or part of what it should): here every weight must
-    find its layer first, or nothing is loaded.
-    """
+def lora_file(path: str | Path) -> Path:
+    """The LoRA file at `path`: the file itself, or a folder's pytorch_lora_weights.safetensors (diffusers') or
+    else its pytorch_lora_weights_kohya.safetensors."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"LoRA weights {str(path)!r}: no such file or folder")
-    if path.is_dir() and not (path / LORA_WEIGHT_NAME).is_file():
-        raise FileNotFoundError(f"{str(path)!r} holds no {LORA_WEIGHT_NAME}")
+    if path.is_file():
+        return path
+    found = [path / name for name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME) if (path / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{str(path)!r} holds no {LORA_WEIGHT_NAME} nor {KOHYA_WEIGHT_NAME}")
+    return found[0]
+
+
+def load_lora(pipe, path: str | Path, adapter_name: str | None = None) -> str:
+    """Load LoRA weights (a folder holding pytorch_lora_weights.safetensors or pytorch_lora_weights_kohya.safetensors,
+    or a file, in diffusers' or kohya's format) into `pipe`'s UNet and text encoder; return the adapter's name
+    (for `pipe.set_adapters`).
+
+    diffusers' `load_lora_weights` leaves out weights that match no layer with at most a logged warning (a
+    LoRA made for another model then changes nothing, or part of what it should): here every weight must
+    find its layer first, or nothing is loaded. A kohya file is checked as diffusers' loader converts it.
+    """
+    path = lora_file(path)
     state_dict, _ = pipe.lora_state_dict(str(path))
     unmatched = unmatched_lora_keys(pipe, state_dict)
     if unmatched:
+        key, layer = next(iter(unmatched.items()))
         raise ValueError(
             f"{str(path)!r}: {len(unmatched)} of {len(state_dict)} LoRA weights match no layer of this pipeline, "
-            f"e.g. {unmatched[0]!r} (no layer {_module_of(unmatched[0].partition('.')[2])!r} in its "
-            f"{unmatched[0].partition('.')[0]!r}): the LoRA was trained on another model"
+            f"e.g. {key!r} (no layer {layer!r} in its {key.partition('.')[0]!r}): the LoRA was trained on another model"
         )
     # diffusers' default names: default_0, default_1, ...
     adapter_name = adapter_name or get_adapter_name(pipe.unet)

@@ -25,7 +25,12 @@ from latentdiff.text import tokenize
 from latentdiff.training.diffusion_loss import diffusion_loss, drop_captions, drop_text_states
 from latentdiff.training.dreambooth import join_prior_batch, prior_preservation_loss
 from latentdiff.training.ema import make_ema
-from latentdiff.training.lora import add_lora_adapters, register_lora_checkpointing, save_lora
+from latentdiff.training.lora import (
+    add_lora_adapters,
+    register_lora_checkpointing,
+    save_lora,
+    save_lora_kohya,
+)
 from latentdiff.training.models import Models, weight_dtype
 from latentdiff.training.run import make_lr_scheduler, make_optimizer, resolve_train_steps
 from latentdiff.training.validation import (
@@ -142,11 +147,13 @@ class TextToImage:
 
     def export(self, path: Path) -> Path:
         """Write what was trained (EMA weights with --use_ema) to ``path``: the LoRA file of the adapters
-        (diffusers' format), or a pipeline folder. Every process calls it; the main process writes."""
+        (--save_format: diffusers' or kohya's), or a pipeline folder. Every process calls it; the main process
+        writes."""
         if self.accelerator.is_main_process:
             with self.averaged():
                 if self.lora:
-                    save_lora(path, *[self.accelerator.unwrap_model(m) for m in self.trained])
+                    save = save_lora_kohya if self.args.save_format == "kohya" else save_lora
+                    save(path, *[self.accelerator.unwrap_model(m) for m in self.trained])
                 else:
                     export_pipeline(self.pipeline(), path)
         self.accelerator.wait_for_everyone()
