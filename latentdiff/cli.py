@@ -21,7 +21,7 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 import latentdiff.demo
 import latentdiff.evaluation
-from latentdiff import DDIMScheduler, DDPMScheduler, LatentDiffPipeline
+from latentdiff import DDIMScheduler, DDPMScheduler, LatentDiffPipeline, single_file
 from latentdiff.data.args import BUILTIN_DATASETS
 from latentdiff.demo import DEMO_LDM_STEPS, DEMO_TRAIN_SAMPLES, DEMO_VAE_STEPS
 from latentdiff.features import check_clip_path
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for verb, script in SCRIPT_ALIASES.items():  # parsed by the script itself: see main()
         verbs.add_parser(verb, add_help=False, help=f"run training/{script} (its --help lists the options)")
+    verbs.add_parser("convert", add_help=False, help="a pipeline folder to an SD single .safetensors file and back "
+                     "(latentdiff convert --help)")  # parsed by latentdiff.single_file: see main()
     return parser
 
 
@@ -266,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_script(argv[0], argv[1:])
         except UsageError as error:
             print(f"latentdiff {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
+    if argv and argv[0] == "convert":
+        try:
+            return single_file.main(argv[1:])
+        except (ValueError, FileNotFoundError) as error:
+            print(f"latentdiff convert: error: {error}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
     try:

@@ -387,3 +387,18 @@ def test_bad_arguments_are_refused_before_any_work(exported, tmp_path):
         from_single_file(tmp_path / "absent.safetensors", folder)
     with pytest.raises(ValueError, match="model_index.json"):
         from_single_file(path, tmp_path)
+
+
+def test_latentdiff_convert_both_ways_and_one_line_errors(exported, tmp_path, capsys):
+    """The `latentdiff convert` verb: a folder to a file and back, and bad input as one line, exit status 2."""
+    from latentdiff import cli
+
+    version, folder, path = exported
+    assert cli.main(["convert", str(folder), str(tmp_path / "model.safetensors")]) == 0
+    assert load_file(tmp_path / "model.safetensors").keys() == load_file(path).keys()
+    assert cli.main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "back"), "--config", str(folder)]) == 0
+    assert (tmp_path / "back" / "model_index.json").is_file()
+    assert cli.main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the earlier conversions' progress bars come first
+    assert err[-1].startswith("latentdiff convert: error:") and "--config" in err[-1]
+    assert not any("Traceback" in line for line in err)
