@@ -1,0 +1,47 @@
+"""Training an inpainting model: the 9-channel UNet made from a text-to-image one, the random masks, the
+masked image's latents, and train_ldm.py --inpainting end to end."""
+
+import pytest
+import torch
+
+from latentdiff import unet_from_preset, vae_from_preset
+from latentdiff.training.inpainting import inpainting_unet, masked_image_conditioning, random_masks
+
+
+def test_the_inpainting_unet_starts_as_the_text_to_image_one():
+    torch.manual_seed(0)
+    unet = unet_from_preset("tiny").eval()
+    x, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 32)
+    before = unet(x, t, encoder_hidden_states=states).sample
+    nine = inpainting_unet(unet)
+    assert nine.config.in_channels == 9 and nine.conv_in.in_channels == 9
+    after = nine(torch.cat([x, torch.randn(2, 5, 8, 8)], dim=1), t, encoder_hidden_states=states).sample
+    torch.testing.assert_close(after, before)  # the new channels start at zero
+    assert inpainting_unet(nine) is nine
+    with pytest.raises(ValueError, match="takes 7 channels: neither a text-to-image UNet \\(4\\) nor an inpainting one \\(9\\)"):
+        inpainting_unet(unet_from_preset("tiny", in_channels=7))
+
+
+def test_random_masks_cover_the_whole_image_a_quarter_of_the_time_else_rectangles():
+    generator = torch.Generator().manual_seed(0)
+    masks = random_masks(400, 32, 24, generator)
+    assert masks.shape == (400, 1, 32, 24) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    full = (masks.flatten(1).mean(1) == 1).float().mean().item()
+    assert 0.18 < full < 0.32
+    partial = masks[masks.flatten(1).mean(1) < 1]
+    assert (partial.flatten(1).sum(1) > 0).all()  # every other mask has at least one rectangle
+    torch.testing.assert_close(random_masks(400, 32, 24, torch.Generator().manual_seed(0)), masks)
+
+
+def test_masked_image_conditioning_is_the_mask_and_the_masked_images_latents():
+    torch.manual_seed(0)
+    vae = vae_from_preset("tiny").eval()
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[:, :, :8] = 1  # the top half is filled in
+    extra = masked_image_conditioning(pixels, vae, torch.Generator().manual_seed(1), (8, 8), masks=masks)
+    assert extra.shape == (2, 5, 8, 8)
+    assert extra[:, 0, :4].eq(1).all() and extra[:, 0, 4:].eq(0).all()
+    kept = pixels * (masks < 0.5)
+    expected = vae.encode(kept).latent_dist.sample(torch.Generator().manual_seed(1)) * vae.config.scaling_factor
+    torch.testing.assert_close(extra[:, 1:], expected)
