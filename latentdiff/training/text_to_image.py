@@ -47,15 +47,16 @@ class TextToImage:
 
     def __init__(
         self, accelerator: Accelerator, args, models: Models, *, train_text_encoder: bool, lora: bool = False,
-        prior_loss_weight: float | None = None,
+        prior_loss_weight: float | None = None, train_unet: bool = True,
     ):  # fmt: skip
-        self.accelerator, self.args, self.lora = accelerator, args, lora
+        self.accelerator, self.args, self.lora, self.train_unet = accelerator, args, lora, train_unet
         self.vae, self.text_encoder, self.tokenizer = models.vae, models.text_encoder, models.tokenizer
         self.unet, self.noise_scheduler, self.resolution = models.unet, models.noise_scheduler, models.resolution
         self.train_text_encoder, self.prior_loss_weight = train_text_encoder, prior_loss_weight
         # from_pretrained and the presets give fp32 weights; the VAE stays so (SD's VAE overflows in fp16), and
         # trained weights stay fp32 master weights under accelerate's autocast
         self.vae.requires_grad_(False).eval().to(accelerator.device)
+        self.unet.requires_grad_(train_unet)
         self.text_encoder.requires_grad_(train_text_encoder and not lora)
         if lora:  # adapters on the frozen weights; the frozen UNet in the half dtype under mixed precision
             add_lora_adapters(args, self.unet, self.text_encoder if train_text_encoder else None, weight_dtype(accelerator))
@@ -67,9 +68,7 @@ class TextToImage:
                 self.text_encoder.gradient_checkpointing_enable()
         if args.enable_xformers_memory_efficient_attention:
             self.unet.enable_xformers_memory_efficient_attention()
-        self.trained = [self.unet, self.text_encoder] if train_text_encoder else [self.unet]
-        # what the optimizer and the EMA hold: every weight, or the adapters only (never a frozen weight)
-        self.params = [torch.nn.ParameterList(p for p in m.parameters() if p.requires_grad) for m in self.trained]
+        self.trained = [m for m, trains in ((self.unet, train_unet), (self.text_encoder, train_text_encoder)) if trains]
         self.empty_states = None
         self.images_per_batch = args.train_batch_size * (2 if prior_loss_weight is not None else 1)
         self.checkpoint_extra = self.export_pipeline_into if args.save_pipeline_at_checkpoints else None
@@ -89,6 +88,9 @@ class TextToImage:
         """The data loader, optimizer, EMA and LR schedule, through accelerate (in that order, for exact resume)."""
         accelerator, args = self.accelerator, self.args
         self.dataset_size = len(dataset)
+        # what the optimizer and the EMA hold: every weight, or the adapters only (never a frozen weight); read
+        # here, so that a subclass can freeze more after __init__ (textual inversion: new embedding rows only)
+        self.params = [torch.nn.ParameterList(p for p in m.parameters() if p.requires_grad) for m in self.trained]
         dataloader = build_dataloader(dataset, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers)
         if self.lora:
             register_lora_checkpointing(accelerator, *self.trained)
@@ -97,9 +99,11 @@ class TextToImage:
         for ema in self.emas:
             accelerator.register_for_checkpointing(ema)
         *self.trained, self.optimizer, self.dataloader = accelerator.prepare(*self.trained, optimizer, dataloader)
-        self.unet = self.trained[0]
+        prepared = iter(self.trained)
+        if self.train_unet:
+            self.unet = next(prepared)
         if self.train_text_encoder:
-            self.text_encoder = self.trained[1]
+            self.text_encoder = next(prepared)
         resolve_train_steps(args, len(self.dataloader))
         self.lr_scheduler = accelerator.prepare(make_lr_scheduler(args, self.optimizer, accelerator))
 
