@@ -93,11 +93,10 @@ class AutoencoderTraining:
         if self.ema is not None:
             self.ema.step(self.model.parameters())
 
-    def averaged(self):
-        return ema_weights(self.ema, self.model)
-
     def validate(self, step: int) -> dict[str, float]:
-        self.metrics, self.metrics_step = validate(self.accelerator, self.model, self.val_dataloader, self.args, step), step
+        """Held-out metrics and a grid of the EMA weights at ``step``; every process calls it."""
+        with ema_weights(self.ema, self.model):
+            self.metrics, self.metrics_step = validate(self.accelerator, self.model, self.val_dataloader, self.args, step), step
         if self.accelerator.is_main_process:
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items()))
         return self.metrics

@@ -2,8 +2,8 @@
 
 A task (``TextToImage``, ``AutoencoderTraining``) brings what the loop needs: ``dataloader``, ``trained``
 (the prepared modules), ``optimizer``, ``lr_scheduler``, ``images_per_batch``, ``loss(batch, generator,
-step) -> (loss, logs)``, ``update_ema()``, ``validate(step)``, ``checkpoint_extra`` (None, or a function
-writing more into each checkpoint folder) and ``averaged()`` (a block in which the weights are the EMA's).
+step) -> (loss, logs)``, ``update_ema()``, ``validate(step)`` (with the EMA weights; every process calls
+it) and ``checkpoint_extra`` (None, or a function writing more into each checkpoint folder).
 ``train`` is the loop itself: every step of it is in its body.
 """
 
@@ -47,8 +47,7 @@ def train(accelerator: Accelerator, args, task) -> TrainingLoop:
         if loop.done() or loop.global_step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, args.output_dir, loop.global_step, extra=task.checkpoint_extra, state=loop.state())
         if loop.done() or loop.global_step % args.validation_steps == 0:
-            with task.averaged():
-                task.validate(loop.global_step)
+            task.validate(loop.global_step)  # with the EMA weights
         if loop.done():
             break
     loop.close(task.trained)

@@ -139,14 +139,15 @@ class TextToImage:
         return build_pipeline(self.accelerator, self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler)
 
     def validate(self, step: int) -> None:
-        """The --validation_prompts grid at ``step``; every process calls it, the main one samples."""
+        """The --validation_prompts grid at ``step`` with the EMA weights; every process calls it, the main one samples."""
         args = self.args
         if args.validation_prompts and self.accelerator.is_main_process:
-            log_validation(
-                self.accelerator, self.pipeline(), args.validation_prompts, step, args.output_dir,
-                num_images=args.num_validation_images, seed=args.seed, resolution=self.resolution,
-                num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
-            )  # fmt: skip
+            with self.averaged():
+                log_validation(
+                    self.accelerator, self.pipeline(), args.validation_prompts, step, args.output_dir,
+                    num_images=args.num_validation_images, seed=args.seed, resolution=self.resolution,
+                    num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+                )  # fmt: skip
         self.accelerator.wait_for_everyone()
 
     def export(self, path: Path) -> Path:
