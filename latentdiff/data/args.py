@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from latentdiff.data.captions import CaptionOptions
 from latentdiff.data.files import default_cache_dir
 
 BUILTIN_DATASETS = ("shapes", "emoji")
@@ -38,7 +39,40 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="train on a fixed random subset of this many items")
     group.add_argument("--min_image_size", type=int, default=0,
                        help="skip images whose shorter side is below this many pixels")
+    add_caption_args(parser)
     return add_image_args(parser)
+
+
+def add_caption_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Captions as comma-separated tag lists, under kohya-ss sd-scripts' names (`latentdiff.data.captions`)."""
+    group = parser.add_argument_group("captions")
+    group.add_argument("--caption_extension", type=str, default=".txt",
+                       help="the extension of the caption file beside each image (photo.png + photo.txt)")
+    group.add_argument("--shuffle_caption", action="store_true",
+                       help="shuffle the comma-separated tags of each training caption, anew every epoch")
+    group.add_argument("--keep_tokens", type=int, default=0,
+                       help="keep the first N tags in place: never shuffled nor dropped")
+    group.add_argument(
+        "--keep_tokens_separator", type=str, default="",
+        help="a marker in the caption (e.g. '|||'): tags before it are kept, and tags after a second one are a "
+             "kept suffix; overrides --keep_tokens where a caption has it",
+    )
+    group.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                       help="leave out each tag beyond the kept ones with this probability")
+    return parser
+
+
+def caption_options(args: argparse.Namespace) -> CaptionOptions:
+    """The caption flags of ``args`` (defaults where a script has none); raises for values out of range."""
+    extension = getattr(args, "caption_extension", ".txt")
+    if extension is not None and not extension.strip(". "):
+        raise ValueError(f"--caption_extension must name an extension (e.g. .txt, .caption), got {extension!r}")
+    return CaptionOptions(
+        shuffle=bool(getattr(args, "shuffle_caption", False)),
+        keep_tokens=getattr(args, "keep_tokens", 0) or 0,
+        tag_dropout=getattr(args, "caption_tag_dropout_rate", 0.0) or 0.0,
+        keep_tokens_separator=getattr(args, "keep_tokens_separator", "") or "",
+    )
 
 
 def add_image_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from latentdiff.data.captions import CaptionOptions
 from latentdiff.data.files import digest
 from latentdiff.data.transforms import open_image, preprocess
 
@@ -97,8 +98,11 @@ class CaptionedImageDataset(EpochSeeded, Dataset):
     Subclasses implement ``_row_image(row, flip)`` and ``_row_captions(row)``; this class maps
     positions to rows so that any dataset can be narrowed (hold-out, ``--max_train_samples``)
     without copying data, and keeps a ``fingerprint`` that identifies exactly what it yields
-    (source, split, subset, resolution, crop), which keys the latent cache.
+    (source, split, subset, resolution, crop), which keys the latent cache. ``caption_options``
+    (tag shuffle and dropout, :mod:`latentdiff.data.captions`) applies to the caption drawn.
     """
+
+    caption_options = CaptionOptions()
 
     def __init__(self, *, name: str, num_rows: int, resolution: int, fingerprint: str,
                  random_crop: bool = False, random_flip: bool = False):
@@ -118,7 +122,7 @@ class CaptionedImageDataset(EpochSeeded, Dataset):
         flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         return {
             "pixel_values": self.image(index, flip=flip, generator=generator),
-            "text": pick_caption(self.captions(index), generator),
+            "text": self.caption_options(pick_caption(self.captions(index), generator), generator),
         }
 
     def image(self, index: int, flip: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -5,8 +5,13 @@ Two conventions:
 - diffusers' imagefolder: images plus ``metadata.jsonl`` (or ``metadata.csv``) whose rows name
   an image in ``file_name`` (relative to the metadata file's folder) and give its caption in
   ``text`` (or the column ``--caption_column`` names); a caption may be a list of captions.
-- sd-scripts: ``photo.png`` beside ``photo.txt`` (or ``photo.caption``); each non-empty line of
-  the caption file is one caption.
+- sd-scripts: ``photo.png`` beside ``photo.txt`` (or the ``--caption_extension`` given, e.g.
+  ``.caption``); each non-empty line of the caption file is one caption.
+
+A caption without a tag (only commas and spaces: a tagger that found nothing) is no caption: an
+image whose every caption is so is skipped like one with an empty caption file, since training
+it on "" would teach the unconditional model that one image (``--proportion_empty_prompts``
+already decides how often the empty prompt is trained).
 
 Sub-folders are searched; hidden files and folders are not. Images that cannot be opened or
 verified, are smaller than ``min_image_size``, or have no caption are left out and counted in
@@ -26,13 +31,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from latentdiff.data.captions import tags
 from latentdiff.data.dataset import SkipLog
 from latentdiff.data.files import digest
 
 IMAGE_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .jpe .jfif .webp .bmp .gif .tif .tiff .ppm .pgm .pbm .pnm .tga".split()
 )
-CAPTION_EXTENSIONS = (".txt", ".caption")
+CAPTION_EXTENSION = ".txt"
+CAPTION_EXTENSIONS = (".txt", ".caption")  # the usual ones, named when an image has another than the one asked for
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_COLUMN = "image"
 TEXT_COLUMN = "text"
@@ -66,11 +73,11 @@ def has_metadata(root: Path) -> bool:
 
 
 def as_captions(value) -> list[str]:
-    """A caption cell (str, list of str, None, ...) as a list of non-empty captions."""
+    """A caption cell (str, list of str, None, ...) as a list of captions with at least one tag."""
     if value is None:
         return []
     if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
+        return [value.strip()] if tags(value) else []
     if isinstance(value, (list, tuple)):
         return [c for item in value for c in as_captions(item)]
     return [str(value)]
@@ -149,23 +156,30 @@ def index_imagefolder(root: Path, image_column: str = IMAGE_COLUMN, caption_colu
 
 
 def index_captioned_images(root: Path, image_column: str = IMAGE_COLUMN, caption_column: str | None = TEXT_COLUMN,
-                           min_image_size: int = 0) -> FolderIndex:
-    """Index images with same-named ``.txt`` (or ``.caption``) captions (the sd-scripts convention)."""
-    _check_columns(root, "images with .txt captions", [IMAGE_COLUMN, TEXT_COLUMN], image_column, caption_column)
+                           min_image_size: int = 0, caption_extension: str = CAPTION_EXTENSION) -> FolderIndex:
+    """Index images with same-named ``caption_extension`` captions (the sd-scripts convention)."""
+    extension = "." + caption_extension.lstrip(".")  # sd-scripts takes "caption" for ".caption" too
+    _check_columns(root, f"images with {extension} captions", [IMAGE_COLUMN, TEXT_COLUMN], image_column, caption_column)
 
     def read_caption(path: Path) -> list[str] | None:
-        for extension in CAPTION_EXTENSIONS:
-            caption_file = path.with_suffix(extension)
-            if caption_file.is_file():
-                text = caption_file.read_text(encoding="utf-8", errors="replace")
-                return [line.strip() for line in text.splitlines() if line.strip()]
-        return None
+        caption_file = path.with_suffix(extension)
+        if not caption_file.is_file():
+            return None
+        text = caption_file.read_text(encoding="utf-8", errors="replace")
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def why_none(path: Path) -> str:
+        others = [e for e in CAPTION_EXTENSIONS if e != extension and path.with_suffix(e).is_file()]
+        return f"no {extension} file" + (f"; found {path.with_suffix(others[0]).name}: "
+                                          f"pass --caption_extension {others[0]}" if others else "")
 
     pairs = [(path, path) for path in walk(root) if is_image_file(path)]
-    return _finish(root, "captioned images", pairs, read_caption, caption_column, min_image_size, SkipLog(str(root)))
+    return _finish(root, "captioned images", pairs, read_caption, caption_column, min_image_size, SkipLog(str(root)),
+                   why_none)
 
 
-def _finish(root, kind, pairs, get_caption, caption_column, min_image_size, skipped) -> FolderIndex:
+def _finish(root, kind, pairs, get_caption, caption_column, min_image_size, skipped,
+            why_none=lambda source: "") -> FolderIndex:
     paths, captions, stats = [], [], []
     problems = _check_all([path for path, _ in pairs], min_image_size)
     for (path, source), problem in zip(pairs, problems, strict=True):
@@ -176,7 +190,12 @@ def _finish(root, kind, pairs, get_caption, caption_column, min_image_size, skip
             value = get_caption(source)
             texts = as_captions(value)
             if not texts:
-                skipped.add(str(path), "no caption" if value is None else "empty caption")
+                if value is None:
+                    skipped.add(str(path), "no caption", why_none(source))
+                else:
+                    lines = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+                    written = any(isinstance(line, str) and line.strip() for line in lines)
+                    skipped.add(str(path), "empty caption", "only commas" if written else "")
                 continue
         else:
             texts = [""]

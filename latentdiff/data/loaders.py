@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from latentdiff.data.args import BUILTIN_DATASETS, resolution_of
+from latentdiff.data.args import BUILTIN_DATASETS, caption_options, resolution_of
 from latentdiff.data.dataset import CaptionedImageDataset, ColumnView, ImageCaptionDataset, SkipLog
 from latentdiff.data.files import digest
 from latentdiff.data.folders import as_captions, has_metadata, index_captioned_images, index_imagefolder, walk
@@ -70,6 +70,7 @@ def build_dataset(
     resolution = resolution or resolution_of(args)
     if resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {resolution}")
+    options = caption_options(args)
 
     if name in BUILTIN_DATASETS:
         if folder:
@@ -98,6 +99,9 @@ def build_dataset(
     if len(dataset) == 0:
         raise ValueError(_nothing_left(dataset))
     dataset.seed = _arg(args, "seed", 0)
+    if split == "train" and options.changes_captions:  # validation keeps its captions as written, a fixed yardstick
+        dataset.caption_options = options
+        options.report_short_captions((c for i in range(len(dataset)) for c in dataset.captions(i)), dataset.name)
     logger.info("%s: %d items at %d px", dataset.name, len(dataset), dataset.resolution)
     return dataset
 
@@ -113,7 +117,10 @@ def _nothing_left(dataset: CaptionedImageDataset) -> str:
     counts = dataset.skipped.counts()
     if counts:
         message += " (skipped: " + ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) + ")"
-    if counts.get("no caption"):
+    hint = next((detail.split("; ")[-1] for _, _, detail in dataset.skipped.entries if "--caption_extension" in detail), None)
+    if hint:
+        message += f". {hint[0].upper()}{hint[1:]}"
+    elif counts.get("no caption"):
         message += (". Give each image a caption (photo.png + photo.txt, or metadata.jsonl with "
                     "file_name and text), or pass --caption_column '' to train on images alone")
     return message
@@ -165,10 +172,12 @@ def _local(path: Path, split: str, resolution: int, args) -> CaptionedImageDatas
                      for s, names in (("train", ("train",)), ("validation", VALIDATION_SPLIT_NAMES))}
     own_split = all(split_folders.values())
     root = split_folders[split] if own_split else path
-    index = (index_imagefolder if has_metadata(root) else index_captioned_images)(
-        root, _arg(args, "image_column", "image"), _arg(args, "caption_column", "text") or None,
-        _arg(args, "min_image_size", 0),
-    )
+    columns = (_arg(args, "image_column", "image"), _arg(args, "caption_column", "text") or None,
+               _arg(args, "min_image_size", 0))
+    if has_metadata(root):
+        index = index_imagefolder(root, *columns)
+    else:
+        index = index_captioned_images(root, *columns, caption_extension=_arg(args, "caption_extension", ".txt"))
     dataset = ImageCaptionDataset(
         index.paths, index.captions, name=str(root), resolution=resolution,
         fingerprint=index.fingerprint, min_image_size=_arg(args, "min_image_size", 0),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from latentdiff.data.args import caption_options
 from latentdiff.presets import TEXT_ENCODER_PRESETS, UNET_PRESETS
 from latentdiff.schedulers.schedule import BETA_SCHEDULES, PREDICTION_TYPES
 from latentdiff.training.checkpointing import find_checkpoint, resolve_resume
@@ -227,6 +228,15 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--{flag} {path!r} is not a folder")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
+    options = caption_options(args)
+    changing = [flag for flag, on in (("--shuffle_caption", options.shuffle), ("--caption_tag_dropout_rate",
+                options.tag_dropout > 0), ("--keep_tokens_separator", bool(options.keep_tokens_separator))) if on]
+    if args.cache_latents and changing:
+        raise ValueError(
+            f"--cache_latents cannot go with {' and '.join(changing)}: the cache holds each caption once, as "
+            "written (and, with a frozen text encoder, its encoder states), so its tags would never change. "
+            f"Leave out --cache_latents (images are then encoded every step) or {', '.join(changing)}"
+        )
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.noise_offset < 0:
