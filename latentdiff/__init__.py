@@ -1,6 +1,11 @@
 """latentdiff: latent diffusion in the style of Stable Diffusion."""
 
-from latentdiff.pipelines import LatentDiffPipeline, LatentDiffPipelineOutput
+from latentdiff.pipelines import (
+    LatentDiffImg2ImgPipeline,
+    LatentDiffInpaintPipeline,
+    LatentDiffPipeline,
+    LatentDiffPipelineOutput,
+)
 from latentdiff.presets import (
     PRESETS,
     load_tokenizer,
@@ -17,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "LatentDiffImg2ImgPipeline",
+    "LatentDiffInpaintPipeline",
     "LatentDiffPipeline",
     "LatentDiffPipelineOutput",
     "PRESETS",
