@@ -144,3 +144,117 @@ def test_multi_process_shards_merge_and_are_reused(tmp_path, vae, monkeypatch):
 def test_uncacheable_dataset_is_refused(tmp_path, vae):
     with pytest.raises(TypeError, match="no fingerprint"):
         cache_latents([torch.zeros(3, 32, 32)], vae, cache_dir=tmp_path)
+
+
+def write_synthetic_cache(folder, sizes, views=1, shape=(4, 8, 8), dtype=torch.float16, text=False):
+    """A cache of random latents in ``len(sizes)`` shards, written with the cache's own writer; returns the
+    in-memory reference: every shard's tensors concatenated, and each item's caption."""
+    generator = torch.Generator().manual_seed(0)
+    means, stds, texts, names, hidden = [], [], [], [], {}
+    for s, n in enumerate(sizes):
+        captions = ["", *(f"caption {s}-{i % 3}" for i in range(min(n, 3))), "shared caption"]
+        ids = [1 + i % 3 if i % 2 else len(captions) - 1 for i in range(n)]
+        tensors = {
+            "latent_mean": torch.randn((n, views, *shape), generator=generator).to(dtype),
+            "latent_std": torch.rand((n, views, *shape), generator=generator).to(dtype),
+            "caption_offsets": torch.arange(n + 1, dtype=torch.long),
+            "caption_ids": torch.tensor(ids, dtype=torch.long),
+        }
+        if text:
+            tensors["text_hidden_states"] = torch.randn((len(captions), 5, 6), generator=generator).to(dtype)
+            for j, caption in enumerate(captions):
+                hidden.setdefault(caption, tensors["text_hidden_states"][j])
+        names.append(f"shard-{s:05d}-of-{len(sizes):05d}.safetensors")
+        cache_module.write_shard(folder / names[-1], tensors, captions)
+        means.append(tensors["latent_mean"])
+        stds.append(tensors["latent_std"])
+        texts += [captions[i] for i in ids]
+    cache_module.write_manifest(folder, sum(sizes), views, names)
+    return torch.cat(means), torch.cat(stds), texts, hidden
+
+
+def test_items_are_read_from_disk_bit_identical_to_the_tensors_written(tmp_path):
+    mean, std, texts, hidden = write_synthetic_cache(tmp_path, [5, 0, 7], views=2, dtype=torch.bfloat16, text=True)
+    cached = cache_module.LatentCache.load(tmp_path)
+    assert len(cached) == 12 and cached.captions[0] == ""
+    assert torch.equal(cached.null_encoder_hidden_states, hidden[""])
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        for i in range(12):
+            item = cached[i]
+            view = int(torch.equal(item["latent_mean"], mean[i, 1]))  # the view this (epoch, item) drew
+            assert torch.equal(item["latent_mean"], mean[i, view]) and torch.equal(item["latent_std"], std[i, view])
+            assert item["latent_mean"].dtype == torch.bfloat16 and item["text"] == texts[i]
+            assert torch.equal(item["encoder_hidden_states"], hidden[texts[i]])  # "shared caption" from shard 0
+    assert torch.equal(cached[-1]["latent_std"], cached[11]["latent_std"])
+    with pytest.raises(IndexError):
+        cached[12]
+
+
+def test_cache_built_from_images_reads_what_it_saved(tmp_path, vae):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    text_encoder = text_encoder_from_preset("tiny").eval()
+    dataset = shapes(n=5)
+    dataset.random_flip = True
+    cached = cache_latents(dataset, vae, cache_dir=tmp_path, text_encoder=text_encoder,
+                           tokenizer=tokenizer_for(text_encoder), dtype=torch.float16)
+    saved = load_file(cached.folder / "shard-00000-of-00001.safetensors")
+    for i in range(5):
+        item = cached[i]
+        assert any(torch.equal(item["latent_mean"], saved["latent_mean"][i, v]) for v in range(2))
+        assert torch.equal(item["encoder_hidden_states"], saved["text_hidden_states"][cached.caption_ids[i]])
+
+
+def test_two_dataloader_workers_yield_what_one_process_does(tmp_path):
+    from latentdiff.data import build_dataloader
+
+    _, std, _, _ = write_synthetic_cache(tmp_path, [9, 14])
+    cached = cache_module.LatentCache.load(tmp_path)
+    cached[3]  # the main process has its own file descriptors open before the workers fork
+    batches = {workers: list(build_dataloader(cached, batch_size=4, seed=1, num_workers=workers)) for workers in (0, 2)}
+    assert len(batches[2]) == 6
+    for one, two in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(one["latent_mean"], two["latent_mean"]) and one["text"] == two["text"]
+    seen = torch.cat([b["latent_std"] for b in batches[2]])  # (23, 4, 8, 8)
+    assert sorted(row.numpy().tobytes() for row in seen) == sorted(row.numpy().tobytes() for row in std[:, 0])
+
+
+def test_the_dataset_holds_no_latents_in_memory(tmp_path):
+    import pickle
+
+    mean, *_ = write_synthetic_cache(tmp_path, [300, 300], shape=(4, 16, 16), text=True)
+    cached = cache_module.LatentCache.load(tmp_path)
+    for i in range(len(cached)):
+        cached[i]
+    latent_bytes = 2 * mean.numel() * mean.element_size()
+    # what a spawned worker receives: captions, two indices per item, one null caption's states
+    assert len(pickle.dumps(cached)) < latent_bytes / 50
+
+
+PEAK_RSS = """
+import sys, torch
+from latentdiff.data import build_dataloader
+from latentdiff.data.cache import LatentCache
+cached = LatentCache.load(sys.argv[1])
+for batch in build_dataloader(cached, batch_size=256, seed=0):
+    pass
+print(max(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads VmHWM from /proc (Linux)")
+def test_peak_rss_does_not_grow_with_the_number_of_items(tmp_path):
+    """A full pass over 2k and over 8k items of 4x32x32 in a fresh process each: 64 MB and 256 MB of
+    fp32 mean and std on disk, the same peak in memory."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for n in (2000, 8000):
+        folder = tmp_path / str(n)
+        write_synthetic_cache(folder, [n // 2, n // 2], shape=(4, 32, 32), dtype=torch.float32)
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, str(folder)], capture_output=True, text=True, check=True)
+        peaks[n] = int(run.stdout.split()[-1])
+    assert peaks[8000] - peaks[2000] < 40, peaks  # MB; holding the latents would add 192

@@ -17,7 +17,8 @@ new cache and an unchanged run reuses the old one. Files are safetensors (no pic
 Multi-process runs (accelerate): process r of W encodes the r-th contiguous share of the items
 into ``shard-r-of-W.safetensors`` (written under a temporary name and renamed: never seen half
 written), all wait, the main process writes ``manifest.json`` the same way, all wait, and every
-process loads every shard. The cache directory must be visible to all processes (one machine,
+process opens every shard: :class:`LatentCache` reads an item's rows from its shard when the item is
+accessed, so no process holds the latents in memory, however large the dataset. The cache directory must be visible to all processes (one machine,
 or a shared file system). A shard left by an interrupted run is complete (renamed only when
 done) and is reused.
 
@@ -28,15 +29,17 @@ random.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from latentdiff.data.dataset import EpochSeeded, pick_caption
@@ -74,74 +77,153 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 class LatentCache(EpochSeeded, Dataset):
-    """Cached items ``{"latent_mean", "latent_std", "text"[, "encoder_hidden_states"]}``.
+    """Cached items ``{"latent_mean", "latent_std", "text"[, "encoder_hidden_states"]}``, read from the
+    shard files on access: what a process holds grows with the number of distinct captions (their
+    text and two indices per item), not with the latents.
 
     ``latent_mean``/``latent_std``: (C, h, w), unscaled (multiply samples by the VAE's
     ``scaling_factor``). When images were cached with their mirror, each access picks one of the
     two at random; with several captions, one at random.
     """
 
-    def __init__(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, caption_offsets: torch.Tensor,
-                 caption_ids: torch.Tensor, captions: list[str], text_hidden_states: torch.Tensor | None = None,
-                 folder: Path | None = None):
-        self.latent_mean = latent_mean  # (N, V, C, h, w), V views: the image [, its mirror]
-        self.latent_std = latent_std  # (N, V, C, h, w)
+    def __init__(self, shards: list[ShardReader], caption_offsets: torch.Tensor, caption_ids: torch.Tensor,
+                 captions: list[str], text_rows: torch.Tensor | None = None, folder: Path | None = None):
+        self.shards = shards
+        self.starts = [0]  # item i lies in the shard s with starts[s] <= i < starts[s + 1]
+        for shard in shards:
+            self.starts.append(self.starts[-1] + shard.shape("latent_mean")[0])
+        self.views = shards[0].shape("latent_mean")[1]
         self.caption_offsets = caption_offsets  # (N + 1,): item i's captions are caption_ids[off[i]:off[i+1]]
         self.caption_ids = caption_ids  # indices into captions
         self.captions = captions  # distinct captions; captions[0] is ""
-        self.text_hidden_states = text_hidden_states  # (len(captions), L, D) or None
+        self.text_rows = text_rows  # (len(captions), 2): the shard and row holding each caption's states, or None
+        # the empty caption's states (L, D), for classifier-free guidance dropout; None without text
+        self.null_encoder_hidden_states = None if text_rows is None else self._text_states(0)
         self.folder = folder
 
     def __len__(self) -> int:
-        return self.latent_mean.shape[0]
+        return self.starts[-1]
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"item {index} of a latent cache of {len(self)}")
+        index %= len(self)
         generator = self.item_generator(index)
-        views = self.latent_mean.shape[1]
-        view = int(torch.randint(views, (), generator=generator)) if views > 1 else 0
+        view = int(torch.randint(self.views, (), generator=generator)) if self.views > 1 else 0
         ids = self.caption_ids[self.caption_offsets[index]:self.caption_offsets[index + 1]].tolist()
         caption_id = int(pick_caption(ids, generator))
+        s = bisect.bisect_right(self.starts, index) - 1
+        row = index - self.starts[s]
         item = {
-            "latent_mean": self.latent_mean[index, view],
-            "latent_std": self.latent_std[index, view],
+            "latent_mean": self.shards[s].read("latent_mean", row, view),  # (C, h, w)
+            "latent_std": self.shards[s].read("latent_std", row, view),  # (C, h, w)
             "text": self.captions[caption_id],
         }
-        if self.text_hidden_states is not None:
-            item["encoder_hidden_states"] = self.text_hidden_states[caption_id]  # (L, D)
+        if self.text_rows is not None:
+            item["encoder_hidden_states"] = self._text_states(caption_id)  # (L, D)
         return item
 
+    def _text_states(self, caption_id: int) -> torch.Tensor:
+        s, row = self.text_rows[caption_id].tolist()
+        return self.shards[s].read("text_hidden_states", row)  # (L, D)
+
     @property
-    def null_encoder_hidden_states(self) -> torch.Tensor | None:
-        """The empty caption's hidden states (L, D), for classifier-free guidance dropout."""
-        return None if self.text_hidden_states is None else self.text_hidden_states[0]
+    def latent_mean(self) -> torch.Tensor:
+        """Every item's mean (N, V, C, h, w), read from disk now: to inspect a cache, not to train from."""
+        return torch.cat([shard.read_all("latent_mean") for shard in self.shards])
+
+    @property
+    def latent_std(self) -> torch.Tensor:
+        """Every item's std (N, V, C, h, w), read from disk now: to inspect a cache, not to train from."""
+        return torch.cat([shard.read_all("latent_std") for shard in self.shards])
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> LatentCache:
+        """Open the cache in ``folder``: its captions and indices are read now, its tensors on access."""
         folder = Path(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
-        means, stds, offsets, ids, hidden = [], [], [0], [], []
+        shards, offsets, ids, text_rows = [], [0], [], []
         captions: list[str] = []  # every shard lists "" first, so captions[0] == ""
         index: dict[str, int] = {}
-        for shard in manifest["shards"]:
-            tensors = load_file(folder / shard)
-            with safe_open(folder / shard, framework="pt") as f:
+        for s, name in enumerate(manifest["shards"]):
+            shards.append(ShardReader(folder / name))
+            with safe_open(folder / name, framework="pt") as f:
                 shard_captions = json.loads(f.metadata()["captions"])
+                has_text = "text_hidden_states" in f.keys()
+                shard_offsets, shard_ids = f.get_tensor("caption_offsets"), f.get_tensor("caption_ids")
             remap = []
             for j, caption in enumerate(shard_captions):
                 if caption not in index:
                     index[caption] = len(captions)
                     captions.append(caption)
-                    if "text_hidden_states" in tensors:
-                        hidden.append(tensors["text_hidden_states"][j])
+                    if has_text:
+                        text_rows.append((s, j))
                 remap.append(index[caption])
-            means.append(tensors["latent_mean"])
-            stds.append(tensors["latent_std"])
-            offsets.extend((tensors["caption_offsets"][1:] + offsets[-1]).tolist())
-            ids.append(torch.tensor(remap, dtype=torch.long)[tensors["caption_ids"]])
-        return cls(
-            torch.cat(means), torch.cat(stds), torch.tensor(offsets), torch.cat(ids), captions,
-            torch.stack(hidden) if hidden else None, folder,
-        )
+            offsets.extend((shard_offsets[1:] + offsets[-1]).tolist())
+            ids.append(torch.tensor(remap, dtype=torch.long)[shard_ids])
+        return cls(shards, torch.tensor(offsets), torch.cat(ids), captions,
+                   torch.tensor(text_rows, dtype=torch.long) if text_rows else None, folder)
+
+
+class ShardReader:
+    """One safetensors shard, read one row at a time with positioned reads (``os.pread``).
+
+    Not a memory map: pages of a mapped file that were read count in the resident set of every
+    process that mapped them until the kernel reclaims them, so after one epoch each process's
+    peak RSS would be the size of the cache (measured with safetensors' ``get_slice``: +630 MB
+    after reading a 655 MB shard once). A read lands in a new tensor and the file's pages stay in
+    the page cache, shared by all processes. The file descriptor is opened on first use in each
+    process, so a DataLoader worker forked (or spawned) from a process that read items opens its own.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:  # the safetensors layout: u64 header size, JSON header, data
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.tensors = {name: (_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"][0])
+                        for name, info in header.items()}
+        self._fd, self._pid = None, None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name][1]
+
+    def read(self, name: str, *index: int) -> torch.Tensor:
+        """``tensor[index]`` of the tensor ``name``, read from the file now."""
+        dtype, shape, begin = self.tensors[name]
+        row = 0
+        for i, size in zip(index, shape, strict=False):
+            if not 0 <= i < size:
+                raise IndexError(f"index {index} out of range for {name} of shape {shape} in {self.path}")
+            row = row * size + i
+        out = torch.empty(shape[len(index):], dtype=dtype)
+        buffer = out.view(-1).view(torch.uint8).numpy()
+        offset = self.data_start + begin + row * buffer.nbytes
+        if os.preadv(self._file(), [buffer], offset) != buffer.nbytes:
+            raise OSError(f"{self.path} ends before {name}{list(index)}: the file is cut short")
+        return out
+
+    def read_all(self, name: str) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def _file(self) -> int:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32}
 
 
 def cache_latents(dataset, vae, *, cache_dir: str | os.PathLike | None = None, text_encoder=None, tokenizer=None,
@@ -176,20 +258,31 @@ def cache_latents(dataset, vae, *, cache_dir: str | os.PathLike | None = None, t
         start, end = rank * len(dataset) // world, (rank + 1) * len(dataset) // world
         logger.info("latent cache miss: encoding items %d-%d of %s into %s", start, end, dataset.name, folder / shard)
         tensors, captions = _encode(dataset, range(start, end), views, vae, text_encoder, tokenizer, batch_size, dtype)
-        with atomic_path(folder / shard) as tmp:
-            save_file(tensors, tmp, metadata={"captions": json.dumps(captions)})
+        write_shard(folder / shard, tensors, captions)
     # Every process passes both barriers, hit or miss, so that none waits for one that went ahead.
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if rank == 0 and not manifest.exists():
-        shards = [f"shard-{r:05d}-of-{world:05d}.safetensors" for r in range(world)]
-        with atomic_path(manifest) as tmp:
-            tmp.write_text(json.dumps({"version": VERSION, "items": len(dataset), "views": views, "shards": shards}))
+        write_manifest(folder, len(dataset), views, [f"shard-{r:05d}-of-{world:05d}.safetensors" for r in range(world)])
     if accelerator is not None:
         accelerator.wait_for_everyone()
     cache = LatentCache.load(folder)
     cache.seed = dataset.seed
     return cache
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], captions: list[str]) -> None:
+    """One shard: ``latent_mean``/``latent_std`` (n, V, C, h, w), ``caption_offsets`` (n + 1,),
+    ``caption_ids`` into ``captions`` (which start with ""), optionally ``text_hidden_states``
+    (len(captions), L, D). Written under a temporary name and renamed."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"captions": json.dumps(captions)})
+
+
+def write_manifest(folder: Path, items: int, views: int, shards: list[str]) -> None:
+    """What makes ``folder`` a complete cache: written last, once every shard is."""
+    with atomic_path(folder / "manifest.json") as tmp:
+        tmp.write_text(json.dumps({"version": VERSION, "items": items, "views": views, "shards": shards}))
 
 
 @torch.no_grad()
