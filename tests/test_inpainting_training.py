@@ -45,3 +45,26 @@ def test_masked_image_conditioning_is_the_mask_and_the_masked_images_latents():
     kept = pixels * (masks < 0.5)
     expected = vae.encode(kept).latent_dist.sample(torch.Generator().manual_seed(1)) * vae.config.scaling_factor
     torch.testing.assert_close(extra[:, 1:], expected)
+
+
+def test_train_ldm_inpainting_trains_a_nine_channel_model_from_a_text_to_image_one(tmp_path):
+    """From a text-to-image pipeline: the saved UNet takes 9 channels, its latent channels' input weights are
+    trained from the original's, and --cache_latents (which cannot hold per-step masked images) is refused."""
+    from diffusers import UNet2DConditionModel
+    from scripts import load_script, run_script
+
+    from latentdiff import pipeline_from_preset
+
+    train_ldm = load_script("train_ldm")
+    pipeline_from_preset("tiny", seed=0).save_pretrained(tmp_path / "base")
+    flags = ["--pretrained_model_name_or_path", tmp_path / "base", "--dataset_name", "shapes", "--resolution", 32,
+             "--max_train_samples", 8, "--data_cache_dir", tmp_path / "cache", "--train_batch_size", 2,
+             "--report_to", "none", "--max_train_steps", 2, "--inpainting"]  # fmt: skip
+    with pytest.raises(ValueError, match="--inpainting encodes each step's masked images"):
+        run_script(train_ldm, [*flags, "--output_dir", tmp_path / "cached", "--cache_latents"])
+    pipeline_dir = run_script(train_ldm, [*flags, "--output_dir", tmp_path / "run"])
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
+    base = UNet2DConditionModel.from_pretrained(tmp_path / "base" / "unet")
+    assert unet.config.in_channels == 9 and unet.conv_in.weight.shape[1] == 9
+    assert not torch.equal(unet.conv_in.weight[:, :4], base.conv_in.weight)  # trained
+    assert unet.conv_in.weight[:, 4:].abs().max() > 0  # the new channels learned something

@@ -32,9 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     add_text_to_image_args(parser)
+    parser.add_argument(
+        "--inpainting", action="store_true",
+        help="Train an inpainting model (9-channel UNet: latents, mask, masked image latents) on random masks, as "
+        "SD's inpainting models were; from a text-to-image pipeline its extra input channels start at zero.",
+    )  # fmt: skip
     parser.set_defaults(train_batch_size=32, learning_rate=1e-4)
     args = parser.parse_args(argv)
     check_text_to_image_args(args)
+    if args.inpainting and args.cache_latents:
+        raise ValueError("--inpainting encodes each step's masked images with the VAE: leave out --cache_latents")
     return args
 
 
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> Path:
     models = load_models(args)
     # LDM trains a new text encoder jointly; a pretrained one stays frozen unless asked
     train_text_encoder = args.train_text_encoder if args.train_text_encoder is not None else not models.pretrained_text_encoder
-    task = TextToImage(accelerator, args, models, train_text_encoder=train_text_encoder)
+    task = TextToImage(accelerator, args, models, train_text_encoder=train_text_encoder, inpainting=args.inpainting)
     task.prepare(task.cached(build_dataset(args, split="train", resolution=task.resolution)))
     log_run_start(
         accelerator, args, task.dataset_size, unet=count_parameters(task.unet),

@@ -113,12 +113,11 @@ def training_scheduler(config: Mapping, **overrides) -> DDPMScheduler:
 
 def check_models(vae, text_encoder, unet, resolution: int) -> None:
     """The three networks must fit together and the resolution must suit the VAE."""
-    if (
-        vae.config.latent_channels != unet.config.in_channels
-        or vae.config.latent_channels != unet.config.out_channels
-    ):
+    latent_channels = vae.config.latent_channels
+    # an inpainting UNet also takes the mask and the masked image's latents: 2C + 1 channels
+    if unet.config.in_channels not in (latent_channels, 2 * latent_channels + 1) or latent_channels != unet.config.out_channels:
         raise ValueError(
-            f"the VAE has {vae.config.latent_channels} latent channels but the UNet takes "
+            f"the VAE has {latent_channels} latent channels but the UNet takes "
             f"{unet.config.in_channels} and predicts {unet.config.out_channels}: use a VAE and "
             "a UNet made for the same latent space"
         )

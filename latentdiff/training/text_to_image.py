@@ -25,6 +25,7 @@ from latentdiff.text import tokenize
 from latentdiff.training.diffusion_loss import diffusion_loss, drop_captions, drop_text_states
 from latentdiff.training.dreambooth import join_prior_batch, prior_preservation_loss
 from latentdiff.training.ema import make_ema
+from latentdiff.training.inpainting import inpainting_unet, masked_image_conditioning
 from latentdiff.training.lora import (
     add_lora_adapters,
     register_lora_checkpointing,
@@ -47,11 +48,14 @@ class TextToImage:
 
     def __init__(
         self, accelerator: Accelerator, args, models: Models, *, train_text_encoder: bool, lora: bool = False,
-        prior_loss_weight: float | None = None, train_unet: bool = True,
+        prior_loss_weight: float | None = None, train_unet: bool = True, inpainting: bool = False,
     ):  # fmt: skip
         self.accelerator, self.args, self.lora, self.train_unet = accelerator, args, lora, train_unet
         self.vae, self.text_encoder, self.tokenizer = models.vae, models.text_encoder, models.tokenizer
         self.unet, self.noise_scheduler, self.resolution = models.unet, models.noise_scheduler, models.resolution
+        self.inpainting = inpainting
+        if inpainting:  # the UNet also sees the mask and the masked image's latents (9 input channels)
+            self.unet = inpainting_unet(self.unet)
         self.train_text_encoder, self.prior_loss_weight = train_text_encoder, prior_loss_weight
         # from_pretrained and the presets give fp32 weights; the VAE stays so (SD's VAE overflows in fp16), and
         # trained weights stay fp32 master weights under accelerate's autocast
@@ -122,9 +126,16 @@ class TextToImage:
                 generator, self.train_text_encoder,
             )  # fmt: skip
         terms = dict(snr_gamma=self.args.snr_gamma, noise_offset=self.args.noise_offset, generator=generator)
+        denoise = self.denoise
+        if self.inpainting:  # a random mask per image; the UNet's input is [x_t; mask; masked image latents]
+            extra = masked_image_conditioning(batch["pixel_values"], self.vae, generator, latents.shape[-2:])  # (B, 5, h, w)
+
+            def denoise(x_t, t, states):
+                return self.denoise(torch.cat([x_t, extra], dim=1), t, states)  # (B, 9, h, w) in
+
         if self.prior_loss_weight is not None:
-            return prior_preservation_loss(self.denoise, latents, states, self.noise_scheduler, self.prior_loss_weight, **terms), {}
-        return diffusion_loss(self.denoise, latents, states, self.noise_scheduler, **terms), {}
+            return prior_preservation_loss(denoise, latents, states, self.noise_scheduler, self.prior_loss_weight, **terms), {}
+        return diffusion_loss(denoise, latents, states, self.noise_scheduler, **terms), {}
 
     def update_ema(self) -> None:
         for ema, params in zip(self.emas, self.params, strict=False):
