@@ -93,12 +93,13 @@ def test_caption_extension(tmp_path):
     dataset = build_dataset(parse("--train_data_dir", str(root), "--caption_extension", ".caption"))
     assert [dataset.captions(i) for i in range(2)] == [["a cat"], ["a dog"]]
     assert build_dataset(parse("--train_data_dir", str(root), "--caption_extension", "caption")).captions(1) == ["a dog"]
-    # the default is .txt: the image with only a .caption file is skipped, and the message says which flag reads it
+    # without the flag, .txt where there is one, else .caption (as before the flag existed)
     dataset = build_dataset(parse("--train_data_dir", str(root)))
-    assert dataset.captions(0) == ["not this one"] and dataset.skipped.counts() == {"no caption": 1}
+    assert [dataset.captions(i) for i in range(2)] == [["not this one"], ["a dog"]]
+    # another extension asked for: the images with only a .caption file are skipped, and the message says why
     (root / "img000.txt").unlink()
     with pytest.raises(ValueError, match=r"2 no caption\). Found img000.caption: pass --caption_extension \.caption"):
-        build_dataset(parse("--train_data_dir", str(root)))
+        build_dataset(parse("--train_data_dir", str(root), "--caption_extension", ".txt"))
     with pytest.raises(ValueError, match="--caption_extension"):
         build_dataset(parse("--train_data_dir", str(root), "--caption_extension", "."))
 

@@ -46,8 +46,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_caption_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Captions as comma-separated tag lists, under kohya-ss sd-scripts' names (`latentdiff.data.captions`)."""
     group = parser.add_argument_group("captions")
-    group.add_argument("--caption_extension", type=str, default=".txt",
-                       help="the extension of the caption file beside each image (photo.png + photo.txt)")
+    group.add_argument("--caption_extension", type=str, default=None,
+                       help="the extension of the caption file beside each image (photo.png + photo.txt); "
+                            "default: .txt, else .caption")
     group.add_argument("--shuffle_caption", action="store_true",
                        help="shuffle the comma-separated tags of each training caption, anew every epoch")
     group.add_argument("--keep_tokens", type=int, default=0,
@@ -64,7 +65,7 @@ def add_caption_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def caption_options(args: argparse.Namespace) -> CaptionOptions:
     """The caption flags of ``args`` (defaults where a script has none); raises for values out of range."""
-    extension = getattr(args, "caption_extension", ".txt")
+    extension = getattr(args, "caption_extension", None)
     if extension is not None and not extension.strip(". "):
         raise ValueError(f"--caption_extension must name an extension (e.g. .txt, .caption), got {extension!r}")
     return CaptionOptions(

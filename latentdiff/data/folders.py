@@ -38,7 +38,6 @@ from latentdiff.data.files import digest
 IMAGE_EXTENSIONS = frozenset(
     ".png .jpg .jpeg .jpe .jfif .webp .bmp .gif .tif .tiff .ppm .pgm .pbm .pnm .tga".split()
 )
-CAPTION_EXTENSION = ".txt"
 CAPTION_EXTENSIONS = (".txt", ".caption")  # the usual ones, named when an image has another than the one asked for
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_COLUMN = "image"
@@ -156,20 +155,23 @@ def index_imagefolder(root: Path, image_column: str = IMAGE_COLUMN, caption_colu
 
 
 def index_captioned_images(root: Path, image_column: str = IMAGE_COLUMN, caption_column: str | None = TEXT_COLUMN,
-                           min_image_size: int = 0, caption_extension: str = CAPTION_EXTENSION) -> FolderIndex:
-    """Index images with same-named ``caption_extension`` captions (the sd-scripts convention)."""
-    extension = "." + caption_extension.lstrip(".")  # sd-scripts takes "caption" for ".caption" too
+                           min_image_size: int = 0, caption_extension: str | None = None) -> FolderIndex:
+    """Index images with same-named ``caption_extension`` captions (the sd-scripts convention); without one,
+    ``photo.txt``, else ``photo.caption``."""
+    # sd-scripts takes "caption" for ".caption" too
+    extensions = CAPTION_EXTENSIONS if caption_extension is None else ("." + caption_extension.lstrip("."),)
+    extension = " or ".join(extensions)
     _check_columns(root, f"images with {extension} captions", [IMAGE_COLUMN, TEXT_COLUMN], image_column, caption_column)
 
     def read_caption(path: Path) -> list[str] | None:
-        caption_file = path.with_suffix(extension)
-        if not caption_file.is_file():
+        caption_file = next((path.with_suffix(e) for e in extensions if path.with_suffix(e).is_file()), None)
+        if caption_file is None:
             return None
         text = caption_file.read_text(encoding="utf-8", errors="replace")
         return [line.strip() for line in text.splitlines() if line.strip()]
 
     def why_none(path: Path) -> str:
-        others = [e for e in CAPTION_EXTENSIONS if e != extension and path.with_suffix(e).is_file()]
+        others = [e for e in CAPTION_EXTENSIONS if e not in extensions and path.with_suffix(e).is_file()]
         return f"no {extension} file" + (f"; found {path.with_suffix(others[0]).name}: "
                                           f"pass --caption_extension {others[0]}" if others else "")
 

@@ -177,7 +177,7 @@ def _local(path: Path, split: str, resolution: int, args) -> CaptionedImageDatas
     if has_metadata(root):
         index = index_imagefolder(root, *columns)
     else:
-        index = index_captioned_images(root, *columns, caption_extension=_arg(args, "caption_extension", ".txt"))
+        index = index_captioned_images(root, *columns, caption_extension=_arg(args, "caption_extension", None))
     dataset = ImageCaptionDataset(
         index.paths, index.captions, name=str(root), resolution=resolution,
         fingerprint=index.fingerprint, min_image_size=_arg(args, "min_image_size", 0),
