@@ -15,7 +15,6 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-
 from latentdiff.pipelines.latent_diff_pipeline import LatentDiffPipeline, LatentDiffPipelineOutput
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,9 @@ class LatentDiffImg2ImgPipeline(LatentDiffPipeline):
         its own size, rounded down to the VAE's factor), with a warning if that changes it. Image i goes
         with prompt i and its ``num_images_per_prompt`` images (diffusers tiles several images over the
         prompts instead; both agree for one image, or one per prompt and image)."""
-        text = self._check_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        text = self._check_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, guidance_scale
+        )
         height, width = self._check_image(image, "image", height, width, text.batch_size)
         self._check_sampling(
             height, width, num_inference_steps, timesteps, guidance_rescale, num_images_per_prompt, output_type

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
-
 from latentdiff.pipelines.img2img import LatentDiffImg2ImgPipeline
 from latentdiff.pipelines.latent_diff_pipeline import LatentDiffPipelineOutput
+from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +87,9 @@ class LatentDiffInpaintPipeline(LatentDiffImg2ImgPipeline):
         pixels softens the mask's edge in the 4-channel blend (a 9-channel UNet, trained on binary masks,
         sees the blurred mask thresholded at 0.5). ``padding_mask_crop``: inpaint only the mask's bounding
         box grown by that many pixels, at full resolution, and paste it back into the source (PIL only)."""
-        text = self._check_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        text = self._check_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, guidance_scale
+        )
         height, width = self._check_image(image, "image", height, width, text.batch_size)
         mask_image = self._check_mask(mask_image, height, width, text.batch_size)
         self._check_sampling(

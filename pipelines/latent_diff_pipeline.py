@@ -164,7 +164,9 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
         default_size = default_image_size(self.vae, self.unet)
         height = default_size if height is None else height
         width = default_size if width is None else width
-        text = self._check_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        text = self._check_text(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, guidance_scale
+        )
         self._check_sampling(
             height, width, num_inference_steps, timesteps, guidance_rescale, num_images_per_prompt, output_type
         )
@@ -249,7 +251,7 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
         return images
 
     def _encode(
-        self, text: "TextInputs", do_guidance: bool, num_images_per_prompt: int, clip_skip: int | None,
+        self, text: TextInputs, do_guidance: bool, num_images_per_prompt: int, clip_skip: int | None,
         cross_attention_kwargs: dict | None,
     ) -> torch.Tensor:
         """Text-encoder states for each image, negatives first when guiding: (B, L, D) or (2B, L, D)."""
@@ -281,8 +283,10 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
         if clip_skip is None:
             return self.text_encoder(input_ids)[0]  # (B, L, D)
         hidden_states = self.text_encoder(input_ids, output_hidden_states=True).hidden_states
-        # the last layer's output passes through the final layer norm; an earlier one must too
-        return self.text_encoder.text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])  # (B, L, D)
+        # the last layer's output passes through the final layer norm; an earlier one must too. transformers 5's
+        # CLIPTextModel holds it itself, CLIPTextModelWithProjection (and transformers 4's) in .text_model
+        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        return text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])  # (B, L, D)
 
     def _set_timesteps(self, num_inference_steps: int, timesteps: list[int] | None, device) -> torch.Tensor:
         if timesteps is None:
@@ -302,7 +306,9 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
 
     # Argument checks, all before any model runs --------------------------------------------------------
 
-    def _check_text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip) -> "TextInputs":
+    def _check_text(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip, guidance_scale
+    ) -> TextInputs:
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass prompt or prompt_embeds, not both")
         if negative_prompt is not None and negative_prompt_embeds is not None:
@@ -344,7 +350,7 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
                     f"negative_prompt has {len(negative_prompts)} entries but {what} has {batch}; "
                     "give one negative prompt per prompt, or a single string for all"
                 )
-        if negative_prompts is not None and embeds_shape[1] != length:
+        if guidance_scale > 1.0 and negative_prompts is not None and embeds_shape[1] != length:
             raise ValueError(
                 f"prompt_embeds has {embeds_shape[1]} tokens but negative prompts encode to the tokenizer's "
                 f"{length}; pass negative_prompt_embeds of the shape {embeds_shape}"
@@ -428,7 +434,7 @@ def _check_timesteps(scheduler, timesteps) -> None:
             f"timesteps={values!r} must be a non-empty list of timesteps from 0 to num_train_timesteps - 1 "
             f"({num_train_timesteps - 1})"
         )
-    if any(a <= b for a, b in zip(values, values[1:])):
+    if any(a <= b for a, b in zip(values, values[1:], strict=False)):
         raise ValueError(f"timesteps={values!r} must be strictly descending (the sampler runs from noise to data)")
 
 

@@ -58,8 +58,9 @@ def inpainting_unet():
 
 
 def test_public_api_imports():
-    import latentdiff
     import latentdiff.pipelines
+
+    import latentdiff
 
     assert latentdiff.LatentDiffImg2ImgPipeline is latentdiff.pipelines.LatentDiffImg2ImgPipeline
     assert latentdiff.LatentDiffInpaintPipeline is latentdiff.pipelines.LatentDiffInpaintPipeline
@@ -218,7 +219,7 @@ def test_all_black_mask_returns_the_source_with_a_warning(tiny_pipeline, caplog)
         (LatentDiffImg2ImgPipeline, dict(image=None), TypeError, "image must be a PIL image"),
         (LatentDiffImg2ImgPipeline, dict(image=[source_image()] * 3), ValueError, "image holds 3 images for 2 prompts"),
         (LatentDiffImg2ImgPipeline, dict(height=15), ValueError, "height=15 must be a positive multiple"),
-        (LatentDiffImg2ImgPipeline, dict(prompt_embeds=torch.zeros(2, 77, 32)), ValueError,
+        (LatentDiffImg2ImgPipeline, dict(prompt_embeds=torch.zeros(2, 32, 32)), ValueError,
          "pass prompt or prompt_embeds, not both"),
         (LatentDiffInpaintPipeline, dict(mask_image=None), ValueError, "mask_image is required"),
         (LatentDiffInpaintPipeline, dict(mask_blur=-1), ValueError, "mask_blur=-1 must be a number >= 0"),

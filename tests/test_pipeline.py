@@ -10,6 +10,9 @@ from diffusers import (
     DDIMScheduler as DiffusersDDIM,
 )
 from diffusers import (
+    DDPMScheduler as DiffusersDDPM,
+)
+from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
@@ -224,3 +227,137 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_pipeline, tmp_path):
     loaded = LatentDiffPipeline.from_pretrained(tmp_path, allow_pickle=True)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(generate(tiny_pipeline), generate(loaded))
+
+
+# Call options SD users reach for: each gives diffusers' images, bad values fail before denoising ---------
+
+
+def _pair(components):
+    ours = LatentDiffPipeline(**components)
+    theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def _embeds(sd, prompts, clip_skip=None):
+    return sd.encode_prompt(prompts, "cpu", 1, False, clip_skip=clip_skip)[0]
+
+
+def test_prompt_embeds_give_diffusers_images(tiny_pipeline):
+    """Measured: max abs difference 0.0 to diffusers, and to the same prompts given as text."""
+    ours, theirs = _pair(tiny_pipeline.components)
+    embeds = dict(prompt_embeds=_embeds(theirs, PROMPTS), negative_prompt_embeds=_embeds(theirs, ["blurry", ""]))
+    a = generate(ours, prompt=None, guidance_scale=6.0, num_images_per_prompt=2, **embeds)
+    b = generate(theirs, prompt=None, guidance_scale=6.0, num_images_per_prompt=2, **embeds)
+    assert np.abs(a - b).max() <= 1e-4
+    as_text = generate(ours, negative_prompt=["blurry", ""], guidance_scale=6.0, num_images_per_prompt=2)
+    assert np.abs(a - as_text).max() <= 1e-5
+    # prompt_embeds with negatives encoded from text
+    a = generate(ours, prompt=None, prompt_embeds=embeds["prompt_embeds"], negative_prompt="blurry", guidance_scale=6.0)
+    assert np.abs(a - generate(ours, negative_prompt="blurry", guidance_scale=6.0)).max() <= 1e-5
+
+
+def test_guidance_rescale_gives_diffusers_images(tiny_pipeline):
+    """Measured: max abs difference 0.0; the rescale changes the image by far more."""
+    ours, theirs = _pair(tiny_pipeline.components)
+    a = generate(ours, guidance_scale=7.5, guidance_rescale=0.7)
+    b = generate(theirs, guidance_scale=7.5, guidance_rescale=0.7)
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a - generate(ours, guidance_scale=7.5)).max() > 1e-3
+
+
+def test_clip_skip_gives_diffusers_images(tiny_pipeline, monkeypatch):
+    """diffusers applies clip_skip to the prompts only and encodes negative prompts from the last layer; we
+    take both from the same layer, so the guided comparison hands diffusers negatives of that layer.
+    diffusers 0.42 reads the final layer norm from text_encoder.text_model, which transformers 5's
+    CLIPTextModel no longer has (it holds the norm itself): the alias lets diffusers' own code run."""
+    from transformers import CLIPTextModel
+
+    monkeypatch.setattr(CLIPTextModel, "text_model", property(lambda self: self), raising=False)
+    ours, theirs = _pair(tiny_pipeline.components)
+    a, b = generate(ours, clip_skip=1, guidance_scale=1.0), generate(theirs, clip_skip=1, guidance_scale=1.0)
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(a - generate(ours, guidance_scale=1.0)).max() > 1e-4
+    negative = _embeds(theirs, ["", ""], clip_skip=1)
+    a = generate(ours, clip_skip=1, guidance_scale=6.0)
+    b = generate(theirs, clip_skip=1, guidance_scale=6.0, negative_prompt_embeds=negative)
+    assert np.abs(a - b).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        DiffusersDDPM(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    ],
+    ids=["diffusers-ddpm", "euler"],
+)
+def test_custom_timesteps_give_diffusers_images(tiny_pipeline, scheduler):
+    ours, theirs = _pair({**tiny_pipeline.components, "scheduler": scheduler})
+    seen = []
+    kwargs = dict(timesteps=[999, 850, 500, 301, 20], guidance_scale=6.0)
+    a = generate(ours, callback_on_step_end=lambda p, i, t, d: seen.append(int(t)) or d, **kwargs)
+    assert np.abs(a - generate(theirs, **kwargs)).max() <= 1e-4
+    assert len(seen) == 5
+
+
+def test_textual_inversion_tokens_of_several_vectors_are_spelt_out(tiny_pipeline):
+    """TextualInversionLoaderMixin: "<sks>" of 2 vectors reads as "<sks> <sks>_1" (both vectors), as in diffusers."""
+    from latentdiff import pipeline_from_preset
+
+    pipe = pipeline_from_preset("tiny", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    width = pipe.text_encoder.config.hidden_size
+    pipe.load_textual_inversion({"<sks>": torch.randn(2, width, generator=torch.Generator().manual_seed(0))},
+                                token="<sks>")
+    theirs = StableDiffusionPipeline(**pipe.components, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    a = generate(pipe, prompt="a <sks> cat")
+    assert np.abs(a - generate(theirs, prompt="a <sks> cat")).max() <= 1e-4
+    assert np.abs(a - generate(pipe, prompt="a cat")).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_embeds=torch.zeros(2, 32, 32)), "pass prompt or prompt_embeds, not both"),
+        (dict(prompt=None), "pass prompt (a str or a list of str) or prompt_embeds"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(2, 32, 7)), "prompt_embeds has shape (2, 32, 7); it must be a tensor (batch, tokens, 32)"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(32, 32)), "prompt_embeds has shape (32, 32)"),
+        (dict(negative_prompt_embeds=torch.zeros(1, 32, 32)), "negative_prompt_embeds has shape (1, 32, 32); it must have the prompts' shape (2, 32, 32)"),
+        (dict(negative_prompt="x", negative_prompt_embeds=torch.zeros(2, 32, 32)), "pass negative_prompt or negative_prompt_embeds, not both"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(2, 10, 32)), "prompt_embeds has 10 tokens"),
+        (dict(guidance_rescale=1.5), "guidance_rescale=1.5 must be between 0 and 1"),
+        (dict(guidance_rescale=-0.1), "guidance_rescale=-0.1"),
+        (dict(clip_skip=99), "clip_skip=99 must be an int from 0 to"),
+        (dict(timesteps=[500, 100]), "timesteps: DDIMScheduler.set_timesteps takes no custom timesteps"),
+    ],
+)
+def test_bad_call_options_fail_before_denoising(tiny_pipeline, kwargs, message):
+    test_bad_call_arguments_fail_before_denoising(tiny_pipeline, kwargs, ValueError, message)
+
+
+@pytest.mark.parametrize(
+    "timesteps, message",
+    [
+        ([100, 500], "timesteps=[100, 500] must be strictly descending"),
+        ([500, 500], "strictly descending"),
+        ([1000, 10], "timesteps=[1000, 10] must be a non-empty list of timesteps from 0 to num_train_timesteps - 1 (999)"),
+        ([10, -1], "from 0 to num_train_timesteps - 1"),
+    ],
+)
+def test_bad_custom_timesteps_fail_before_denoising(tiny_pipeline, timesteps, message):
+    pipe = LatentDiffPipeline(**{**tiny_pipeline.components, "scheduler": DiffusersDDPM()})
+    test_bad_call_arguments_fail_before_denoising(pipe, dict(timesteps=timesteps), ValueError, message)
+
+
+def test_from_single_file_delegates_to_latentdiff_single_file(monkeypatch, tiny_pipeline):
+    from latentdiff import single_file
+
+    calls = []
+    monkeypatch.setattr(single_file, "from_single_file", lambda *a, **k: calls.append((a, k)) or tiny_pipeline)
+    assert LatentDiffPipeline.from_single_file("model.safetensors", "config", allow_pickle=False) is tiny_pipeline
+    assert calls == [(("model.safetensors", "config"), {"allow_pickle": False})]
