@@ -1,11 +1,18 @@
 """Training an inpainting model: the 9-channel UNet made from a text-to-image one, the random masks, the
 masked image's latents, and train_ldm.py --inpainting end to end."""
 
+import json
+
 import pytest
 import torch
 
-from latentdiff import unet_from_preset, vae_from_preset
-from latentdiff.training.inpainting import inpainting_unet, masked_image_conditioning, random_masks
+from latentdiff import LatentDiffInpaintPipeline, unet_from_preset, vae_from_preset
+from latentdiff.training.inpainting import (
+    inpainting_example,
+    inpainting_unet,
+    masked_image_conditioning,
+    random_masks,
+)
 
 
 def test_the_inpainting_unet_starts_as_the_text_to_image_one():
@@ -59,7 +66,8 @@ def test_train_ldm_inpainting_trains_a_nine_channel_model_from_a_text_to_image_o
     pipeline_from_preset("tiny", seed=0).save_pretrained(tmp_path / "base")
     flags = ["--pretrained_model_name_or_path", tmp_path / "base", "--dataset_name", "shapes", "--resolution", 32,
              "--max_train_samples", 8, "--data_cache_dir", tmp_path / "cache", "--train_batch_size", 2,
-             "--report_to", "none", "--max_train_steps", 2, "--inpainting"]  # fmt: skip
+             "--report_to", "none", "--max_train_steps", 2, "--inpainting", "--validation_prompts", "a red circle",
+             "--num_validation_images", 2, "--validation_inference_steps", 2]  # fmt: skip
     with pytest.raises(ValueError, match="--inpainting encodes each step's masked images"):
         run_script(train_ldm, [*flags, "--output_dir", tmp_path / "cached", "--cache_latents"])
     pipeline_dir = run_script(train_ldm, [*flags, "--output_dir", tmp_path / "run"])
@@ -68,3 +76,8 @@ def test_train_ldm_inpainting_trains_a_nine_channel_model_from_a_text_to_image_o
     assert unet.config.in_channels == 9 and unet.conv_in.weight.shape[1] == 9
     assert not torch.equal(unet.conv_in.weight[:, :4], base.conv_in.weight)  # trained
     assert unet.conv_in.weight[:, 4:].abs().max() > 0  # the new channels learned something
+    assert (tmp_path / "run" / "validation" / "step-000002.png").is_file()  # inpainting the center square
+    assert json.loads((pipeline_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionInpaintPipeline"
+    pipe = LatentDiffInpaintPipeline.from_pretrained(pipeline_dir)
+    example = inpainting_example(torch.rand(3, 32, 32) * 2 - 1)
+    assert pipe("a red circle", **example, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)

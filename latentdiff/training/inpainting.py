@@ -12,6 +12,8 @@ the image is to be filled), the masked image's latents; the masked image keeps t
 
 from __future__ import annotations
 
+import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -59,6 +61,16 @@ def random_masks(batch_size: int, height: int, width: int, generator: torch.Gene
             corner = ((sides - size) * torch.rand(2, device=device, generator=generator)).long()
             masks[i, :, corner[0] : corner[0] + size[0], corner[1] : corner[1] + size[1]] = 1
     return masks
+
+
+def inpainting_example(pixel_values: torch.Tensor) -> dict[str, PIL.Image.Image]:
+    """A validation input for an inpainting pipeline: an image (3, H, W) in [-1, 1] and a mask of its center
+    square (half the sides), as the ``image`` and ``mask_image`` the pipeline takes."""
+    image = ((pixel_values.float() + 1) * 127.5).clamp(0, 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    height, width = image.shape[:2]
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = 255
+    return {"image": PIL.Image.fromarray(image), "mask_image": PIL.Image.fromarray(mask, mode="L")}
 
 
 def masked_image_conditioning(

@@ -21,11 +21,12 @@ from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from latentdiff.data import build_dataloader, cache_latents, sample_latent
+from latentdiff.pipelines import LatentDiffInpaintPipeline, LatentDiffPipeline
 from latentdiff.text import tokenize
 from latentdiff.training.diffusion_loss import diffusion_loss, drop_captions, drop_text_states
 from latentdiff.training.dreambooth import join_prior_batch, prior_preservation_loss
 from latentdiff.training.ema import make_ema
-from latentdiff.training.inpainting import inpainting_unet, masked_image_conditioning
+from latentdiff.training.inpainting import inpainting_example, inpainting_unet, masked_image_conditioning
 from latentdiff.training.lora import (
     add_lora_adapters,
     register_lora_checkpointing,
@@ -92,6 +93,8 @@ class TextToImage:
         """The data loader, optimizer, EMA and LR schedule, through accelerate (in that order, for exact resume)."""
         accelerator, args = self.accelerator, self.args
         self.dataset_size = len(dataset)
+        # an inpainting model is shown the first training image with its center square to fill in
+        self.validation_inputs = inpainting_example(dataset[0]["pixel_values"]) if self.inpainting else {}
         # what the optimizer and the EMA hold: every weight, or the adapters only (never a frozen weight); read
         # here, so that a subclass can freeze more after __init__ (textual inversion: new embedding rows only)
         self.params = [torch.nn.ParameterList(p for p in m.parameters() if p.requires_grad) for m in self.trained]
@@ -146,8 +149,12 @@ class TextToImage:
         return averaged_weights(self.emas, self.params)
 
     def pipeline(self):
-        """A pipeline over the training components themselves (no copy) and a DDIM sampler of the training schedule."""
-        return build_pipeline(self.accelerator, self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler)
+        """A pipeline over the training components themselves (no copy) and a DDIM sampler of the training schedule:
+        text-to-image, or inpainting for an inpainting model."""
+        pipeline_class = LatentDiffInpaintPipeline if self.inpainting else LatentDiffPipeline
+        return build_pipeline(
+            self.accelerator, self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler, pipeline_class
+        )  # fmt: skip
 
     def validate(self, step: int) -> None:
         """The --validation_prompts grid at ``step`` with the EMA weights; every process calls it, the main one samples."""
@@ -158,6 +165,7 @@ class TextToImage:
                     self.accelerator, self.pipeline(), args.validation_prompts, step, args.output_dir,
                     num_images=args.num_validation_images, seed=args.seed, resolution=self.resolution,
                     num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
+                    **self.validation_inputs,
                 )  # fmt: skip
         self.accelerator.wait_for_everyone()
 

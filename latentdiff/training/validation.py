@@ -57,10 +57,11 @@ def averaged_weights(emas: Sequence, models: Sequence) -> Iterator[None]:
 
 
 def build_pipeline(
-    accelerator: Accelerator, vae, text_encoder, tokenizer, unet, noise_scheduler
+    accelerator: Accelerator, vae, text_encoder, tokenizer, unet, noise_scheduler, pipeline_class=LatentDiffPipeline
 ) -> LatentDiffPipeline:
-    """A LatentDiffPipeline over the (unwrapped) training components and a DDIM sampler of the training schedule."""
-    pipeline = LatentDiffPipeline(
+    """A LatentDiffPipeline (or ``pipeline_class``) over the (unwrapped) training components and a DDIM sampler of
+    the training schedule."""
+    pipeline = pipeline_class(
         vae=vae,
         text_encoder=accelerator.unwrap_model(text_encoder),
         tokenizer=tokenizer,
@@ -83,9 +84,11 @@ def log_validation(
     resolution: int | None = None,
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
+    **call_kwargs,
 ) -> Path | None:
     """Sample `num_images` images per prompt (one row each) into output_dir/validation/step-XXXXXX.png and
-    TensorBoard; on the main process only (the others return None at once).
+    TensorBoard; on the main process only (the others return None at once). ``call_kwargs`` go to the
+    pipeline as they are (an inpainting model's ``image`` and ``mask_image``).
 
     Each prompt's noise comes from a generator seeded with `seed`, so the grids of successive steps show
     the same starting noise and differ only by what the model learned.
@@ -110,6 +113,7 @@ def log_validation(
                 num_images_per_prompt=num_images,
                 generator=generator,
                 output_type="pt",
+                **call_kwargs,
             ).images  # (N, 3, H, W) in [0, 1]
             rows.append(images.float() * 2 - 1)
     finally:
