@@ -17,7 +17,7 @@ over the epoch.
     python benchmarks/bench_cache.py --sizes 10000 100000 --out benchmarks/results/cache.json
 
 The synthetic files (6.6 GB at 100k items) go to a temporary folder under ``--dir`` and are deleted
-at the end. About 5 minutes on 2 CPU cores.
+at the end. About 3 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
