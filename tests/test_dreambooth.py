@@ -242,6 +242,7 @@ BAD_INPUT = [
     (["--pretrained_model_name_or_path", "INSTANCE"], r"is not a pipeline folder \(no model_index.json\)"),
     (["--use_lora", "--rank", "0"], r"--rank must be a positive integer, got 0"),
     ([*prior_flags("CLASS", 0)], r"--num_class_images must be a positive integer, got 0"),
+    (["--validation_loss_images", "4"], r"--validation_loss_images needs held-out images"),
 ]  # fmt: skip
 
 

@@ -378,3 +378,21 @@ def test_xformers_flag_without_xformers_is_a_clear_error(train_ldm, shared, tmp_
     )
     with pytest.raises(ValueError, match="needs the xformers package"):
         run(train_ldm, argv)
+
+
+def test_held_out_loss_is_logged_at_fixed_noise(train_ldm, shared, tmp_path):
+    """--validation_loss_images: the diffusion loss of held-out images at every validation, its randomness
+    fixed once, so two runs agree and the value moves only with the weights."""
+    def losses(out, *extra):
+        run(train_ldm, flags(shared, out, "--max_train_steps", 3, "--validation_steps", 1, "--validation_loss_images", 4,
+                             "--learning_rate", 1e-3, *extra))  # fmt: skip
+        return [json.loads(line) for line in (out / "validation" / "loss.jsonl").read_text().splitlines()]
+
+    first, again = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [r["step"] for r in first] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in first)
+    assert first == again
+    assert len({r["loss"] for r in first}) == 3  # the weights changed between validations
+    cached = losses(tmp_path / "c", "--cache_latents")
+    assert [r["step"] for r in cached] == [1, 2, 3]
+    with pytest.raises(ValueError, match="--validation_loss_images must be >= 0"):
+        run(train_ldm, flags(shared, tmp_path / "d", "--max_train_steps", 1, "--validation_loss_images", -1))

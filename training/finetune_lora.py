@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator = make_accelerator(args, RUN_KIND)
     task = TextToImage(accelerator, args, load_models(args), train_text_encoder=bool(args.train_text_encoder), lora=True)
     task.prepare(task.cached(build_dataset(args, split="train", resolution=task.resolution)))
+    if args.validation_loss_images:
+        task.hold_out(build_dataset(args, split="validation", resolution=task.resolution))
     log_run_start(
         accelerator, args, task.dataset_size, unet=count_parameters(task.unet),
         text_encoder=count_parameters(task.text_encoder),

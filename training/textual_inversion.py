@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator = make_accelerator(args, RUN_KIND)
     task = TextualInversion(accelerator, args, load_models(args))
     task.prepare(task.cached(build_dataset(args, split="train", captions=False, resolution=task.resolution)))
+    if args.validation_loss_images:
+        task.hold_out(build_dataset(args, split="validation", captions=False, resolution=task.resolution))
     log_run_start(
         accelerator, args, task.dataset_size, unet=count_parameters(task.unet),
         text_encoder=count_parameters(task.text_encoder),

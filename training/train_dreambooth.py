@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_dreambooth_args(args: argparse.Namespace) -> None:
     """Raise for flags that would fail later, naming the flag, the value and what is allowed."""
     prompt_dataset(args.instance_data_dir, args.instance_prompt, resolution=1)  # raises without usable images
+    if args.validation_loss_images:
+        raise ValueError("--validation_loss_images needs held-out images: a handful of instance images has none to spare")
     if args.with_prior_preservation:
         for flag in ("class_prompt", "class_data_dir"):
             if not getattr(args, flag):

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> Path:
     train_text_encoder = args.train_text_encoder if args.train_text_encoder is not None else not models.pretrained_text_encoder
     task = TextToImage(accelerator, args, models, train_text_encoder=train_text_encoder, inpainting=args.inpainting)
     task.prepare(task.cached(build_dataset(args, split="train", resolution=task.resolution)))
+    if args.validation_loss_images:
+        task.hold_out(build_dataset(args, split="validation", resolution=task.resolution))
     log_run_start(
         accelerator, args, task.dataset_size, unet=count_parameters(task.unet),
         text_encoder=f"{count_parameters(task.text_encoder)} ({'trained' if train_text_encoder else 'frozen'})",

@@ -188,6 +188,11 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
     v.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     v.add_argument("--validation_inference_steps", type=int, default=25)
     v.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    v.add_argument(
+        "--validation_loss_images", type=int, default=0,
+        help="Held-out images whose diffusion loss, at timesteps and noise fixed once, is logged every "
+        "--validation_steps (val/loss; validation/loss.jsonl): the curve that shows a fine-tune overfit. 0: off.",
+    )  # fmt: skip
     parser.add_argument(
         "--save_pipeline_at_checkpoints", action="store_true",
         help="Also write a pipeline folder (EMA weights with --use_ema) into each checkpoint-N/pipeline, "
@@ -257,3 +262,5 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
     for flag in ("num_validation_images", "validation_inference_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.validation_loss_images < 0:
+        raise ValueError(f"--validation_loss_images must be >= 0 (0 turns it off), got {args.validation_loss_images}")

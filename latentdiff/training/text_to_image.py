@@ -13,8 +13,10 @@ plus the prior-preservation term for DreamBooth (pairs of instance and class ima
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL
@@ -37,6 +39,7 @@ from latentdiff.training.models import Models, weight_dtype
 from latentdiff.training.run import make_lr_scheduler, make_optimizer, resolve_train_steps
 from latentdiff.training.validation import (
     PIPELINE_DIR,
+    VALIDATION_DIR,
     averaged_weights,
     build_pipeline,
     export_pipeline,
@@ -74,7 +77,7 @@ class TextToImage:
         if args.enable_xformers_memory_efficient_attention:
             self.unet.enable_xformers_memory_efficient_attention()
         self.trained = [m for m, trains in ((self.unet, train_unet), (self.text_encoder, train_text_encoder)) if trains]
-        self.empty_states = None
+        self.empty_states, self.heldout = None, None
         self.images_per_batch = args.train_batch_size * (2 if prior_loss_weight is not None else 1)
         self.checkpoint_extra = self.export_pipeline_into if args.save_pipeline_at_checkpoints else None
 
@@ -156,11 +159,38 @@ class TextToImage:
             self.accelerator, self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler, pipeline_class
         )  # fmt: skip
 
+    def hold_out(self, dataset: Dataset) -> None:
+        """Held-out items for the validation loss (--validation_loss_images of them; their latents cached like
+        the training set's with --cache_latents)."""
+        count = min(self.args.validation_loss_images, len(dataset))
+        self.heldout = build_dataloader(self.cached(dataset.subset(np.arange(count))), self.args.train_batch_size, shuffle=False)
+
+    @torch.no_grad()
+    def heldout_loss(self, step: int) -> float:
+        """The training objective on the held-out items with the randomness of each batch fixed once (its own
+        generator, seeded by --seed and the batch's index): the same latents, timesteps, noise and dropped
+        captions at every validation, so the curve moves only with the weights."""
+        losses, device = [], self.accelerator.device
+        for index, batch in enumerate(self.heldout):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            generator = torch.Generator(device=device).manual_seed(self.args.seed * 1_000_003 + index)
+            loss, _ = self.loss(batch, generator, step)
+            losses.append(loss.item() * len(batch["text"]))  # the batch's mean, weighted by its size
+        return sum(losses) / len(self.heldout.dataset)
+
     def validate(self, step: int) -> None:
-        """The --validation_prompts grid at ``step`` with the EMA weights; every process calls it, the main one samples."""
+        """With the EMA weights: the held-out loss (--validation_loss_images) and the --validation_prompts grid
+        at ``step``; every process calls it, the main one samples and writes."""
         args = self.args
-        if args.validation_prompts and self.accelerator.is_main_process:
-            with self.averaged():
+        with self.averaged():
+            if self.heldout is not None:
+                loss = self.heldout_loss(step)
+                self.accelerator.log({"val/loss": loss}, step=step)
+                if self.accelerator.is_main_process:
+                    (Path(args.output_dir) / VALIDATION_DIR).mkdir(parents=True, exist_ok=True)
+                    with (Path(args.output_dir) / VALIDATION_DIR / "loss.jsonl").open("a") as log:
+                        log.write(json.dumps({"step": step, "loss": loss}) + "\n")
+            if args.validation_prompts and self.accelerator.is_main_process:
                 log_validation(
                     self.accelerator, self.pipeline(), args.validation_prompts, step, args.output_dir,
                     num_images=args.num_validation_images, seed=args.seed, resolution=self.resolution,
