@@ -1,6 +1,11 @@
 """The training scripts, run in the test process as `python training/NAME.py ARGS` would run them."""
 
 import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
@@ -25,3 +30,30 @@ def run_script(script, argv):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a launched run's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(script: Path, argv, step: int) -> str:
+    """``accelerate launch`` of ``script`` with 2 CPU processes (gloo), one thread each; asserts it succeeded
+    and that the two replicas' weights agree to the bit at ``step``; returns the log.
+
+    (`--cpu --num_processes 2` starts one process only: accelerate's CPU launcher needs mpirun; torchrun
+    with ACCELERATE_USE_CPU gives the gloo process group.)"""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+        *map(str, argv),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    ends = dict(re.findall(rf"process (\d) of 2: step {step}, 0 batches skipped, weights checksum (\S+)", log))
+    assert set(ends) == {"0", "1"} and ends["0"] == ends["1"], log[-4000:]
+    return log

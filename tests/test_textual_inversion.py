@@ -3,11 +3,6 @@ new rows train; every other weight bit for bit unchanged), both file layouts loa
 and in diffusers, exact resume, and the bad input refused before any work."""
 
 import copy
-import os
-import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from scripts import load_script, run_script
+from scripts import launch_two_processes, load_script, run_script
 
 from latentdiff import LatentDiffPipeline
 from latentdiff.training import textual_inversion as ti
@@ -281,28 +276,12 @@ def test_mixed_precision_trains_fp32_vectors_through_the_frozen_models(script, b
     assert vectors.dtype == torch.float32 and vectors.shape == (NUM_VECTORS, 32) and vectors.isfinite().all()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_one_set_of_vectors(base_dir, image_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo, as in test_lora.py): the replicas' vectors agree to the
     bit, and the checkpoint holds the embedding files, not the text encoder."""
     out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1,
-        "--main_process_port", free_port(), "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
-        *flags(base_dir, image_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=300)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
+    log = launch_two_processes(SCRIPT, flags(base_dir, image_dir, out, "--max_train_steps", 2, "--checkpointing_steps", 2), step=2)
     assert "processes: 2 -> 4 images per optimizer step" in log
-    ends = dict(re.findall(r"process (\d) of 2: step 2, 0 batches skipped, weights checksum (\S+)", log))
-    assert set(ends) == {"0", "1"} and ends["0"] == ends["1"], log[-4000:]
     checkpoint = out / "checkpoints" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.iterdir() if "random_states" not in p.name) == [
         "latentdiff_manifest.json", "latentdiff_state.json", DIFFUSERS_WEIGHT_NAME, "optimizer.bin",
