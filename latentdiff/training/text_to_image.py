@@ -182,6 +182,8 @@ class TextToImage:
         """With the EMA weights: the held-out loss (--validation_loss_images) and the --validation_prompts grid
         at ``step``; every process calls it, the main one samples and writes."""
         args = self.args
+        if self.heldout is None and not args.validation_prompts:
+            return  # nothing to validate: no EMA swap (two copies of the trained weights) for nothing
         with self.averaged():
             if self.heldout is not None:
                 loss = self.heldout_loss(step)
