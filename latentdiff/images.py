@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import PIL.Image
 import PIL.PngImagePlugin
 import torch
+
+SETTINGS_KEY = "latentdiff"  # the PNG text chunk that holds an image's generation settings, as JSON
 
 
 def to_pil(images) -> list[PIL.Image.Image]:
@@ -48,3 +51,23 @@ def save_png(image: PIL.Image.Image, path: str | Path, metadata: dict | None = N
     image.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
     return path
+
+
+def settings_text(settings: dict) -> dict[str, str]:
+    """The PNG text chunks (``save_png``'s metadata) that carry an image's generation settings: what
+    `latentdiff generate` and `latentdiff serve` write, and ``read_settings`` reads back."""
+    return {SETTINGS_KEY: json.dumps(settings)}
+
+
+def read_settings(image: PIL.Image.Image) -> dict | None:
+    """The generation settings a PNG carries (``settings_text``), or None when it carries none."""
+    text = getattr(image, "text", None) or image.info
+    if SETTINGS_KEY not in text:
+        return None
+    try:
+        settings = json.loads(text[SETTINGS_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"the image's {SETTINGS_KEY!r} text is not JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"the image's {SETTINGS_KEY!r} text is not a JSON object of settings")
+    return settings
