@@ -232,6 +232,16 @@ def test_a_resumed_epoch_yields_the_remaining_batches_in_order(shards, workers, 
             assert len(decoded) == sum(len(b["text"]) for b in full[skip:])
 
 
+def test_drop_last_and_no_shuffle(shards):
+    """drop_last: each process's share cut to whole batches; shuffle=False: shards and samples in file order."""
+    dataset = build_dataset(data_args(train_data_dir=str(shards)))
+    loader = ShardLoader(dataset, 4, drop_last=True, collate_fn=collate, rank=1, world=2)
+    assert len(loader) == len(epoch(loader, 0)) == 1  # 6 items on process 1: one batch of 4
+    ordered = ShardLoader(dataset, 4, shuffle=False, collate_fn=collate, rank=0, world=1)
+    for number in (0, 1):
+        assert [t for b in epoch(ordered, number) for t in b["text"]] == [dataset[i]["text"] for i in range(13)]
+
+
 def test_a_shard_cut_in_half_is_skipped_with_a_count_naming_it(shards, tmp_path, caplog):
     damaged = tmp_path / "damaged"
     damaged.mkdir()
