@@ -10,6 +10,8 @@ A checkpoint damaged later (a truncated copy, a full disk) fails its manifest: `
 it to the newest intact one, a checkpoint named by path is refused with the file that is wrong.
 Resuming from a checkpoint older than others sets the newer ones aside (`abandoned-checkpoint-N`),
 so a later `latest` cannot resume the run that was abandoned; nothing is deleted.
+Machines that do not share the output dir each write a whole checkpoint into theirs (one process of each
+writes what accelerate's ``save_on_each_node`` does not), and `latest` is the newest that all of them have.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
+
+from latentdiff.training.run import writes_output
 
 logger = logging.getLogger(__name__)
 
@@ -65,19 +70,22 @@ def save_checkpoint(
     Every process must call this (save_state gathers sharded state). The limit is
     `accelerator.project_configuration.total_limit` (`make_accelerator` sets it from
     --checkpoints_total_limit); the checkpoint just written is never pruned. ``extra(folder)`` runs on the
-    main process before the checkpoint is renamed into place, to write more into it (a pipeline folder);
+    writing process (:func:`~latentdiff.training.run.writes_output`: the main one, or each machine's first when
+    the machines do not share the output dir, so that each gets a whole checkpoint) before the checkpoint is
+    renamed into place, to write more into it (a pipeline folder);
     ``state`` is stored beside the step in its ``latentdiff_state.json`` (see :func:`checkpoint_state`).
     """
     root = Path(output_dir) / CHECKPOINTS_DIR
     tmp, final = root / f"{TMP_PREFIX}checkpoint-{step}", root / f"checkpoint-{step}"
-    if accelerator.is_main_process:
+    writes = writes_output(accelerator)  # the main process, or each machine's first one without a shared disk
+    if writes:
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob(f"{TMP_PREFIX}*"):  # from a run killed during a save
             shutil.rmtree(leftover)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if writes:
         if extra is not None:
             extra(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"global_step": step, **(state or {})}))
@@ -136,20 +144,30 @@ def checkpoint_damage(folder: Path) -> str | None:
 def resolve_resume(args) -> Path | None:
     """The checkpoint to resume from: None (no flag, or "latest" with none saved yet), or an intact folder.
 
-    ``latest`` is the newest checkpoint that passes its manifest; each damaged one newer than it is
-    named in a warning. A checkpoint given by name or path that fails it is an error.
+    ``latest`` is the newest checkpoint that passes its manifest on every machine (machines without a shared
+    disk each have their own, and a run killed between their saves leaves the last one on some only; called
+    with ``latest``, every process must call it); each newer one is named in a warning. A checkpoint given by
+    name or path that fails it is an error.
     """
     value = args.resume_from_checkpoint
     if not value:
         return None
     if value == "latest":
-        for path in reversed(list_checkpoints(args.output_dir)):
-            damage = checkpoint_damage(path)
-            if damage is None:
-                return path
-            logger.warning("skipping damaged checkpoint %s: %s", path, damage)
-        logger.info("--resume_from_checkpoint latest: no intact checkpoint in %s yet, starting a new run", args.output_dir)
-        return None
+        checkpoints = {int(_NAME.match(p.name).group(1)): p for p in list_checkpoints(args.output_dir)}
+        damage = {step: checkpoint_damage(path) for step, path in checkpoints.items()}
+        everywhere = _on_every_process({step for step, found in damage.items() if found is None})
+        latest = max(everywhere, default=None)
+        for step in sorted(checkpoints, reverse=True):
+            if latest is not None and step <= latest:
+                break
+            if damage[step] is not None:
+                logger.warning("skipping damaged checkpoint %s: %s", checkpoints[step], damage[step])
+            else:
+                logger.warning("skipping checkpoint %s: not every machine has it (killed between their saves)", checkpoints[step])
+        if latest is None:
+            logger.info("--resume_from_checkpoint latest: no intact checkpoint in %s yet, starting a new run", args.output_dir)
+            return None
+        return checkpoints[latest]
     path = find_checkpoint(args.output_dir, value)
     if path is None:
         raise FileNotFoundError(f"--resume_from_checkpoint {value!r} does not exist; give a checkpoint folder or 'latest'")
@@ -160,6 +178,13 @@ def resolve_resume(args) -> Path | None:
             "resume from another checkpoint, or 'latest' for the newest intact one"
         )
     return path
+
+
+def _on_every_process(steps: set[int]) -> set[int]:
+    """The steps in ``steps`` of every process (each may read another disk); ``steps`` outside a distributed run."""
+    if not PartialState._shared_state or PartialState().num_processes == 1:
+        return steps
+    return set.intersection(*gather_object([steps]))
 
 
 def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
@@ -216,10 +241,14 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> int:
         step = int(m.group(1))
     else:
         raise ValueError(f"{str(path)!r} is not a checkpoint: it has no {STATE_FILE} and is not named checkpoint-<step>")
+    steps = gather_object([step])
+    if len(set(steps)) > 1:  # a checkpoint named by path, another on each machine's disk
+        raise ValueError(f"the processes would resume from different steps ({steps}, by process) of {str(path)!r}: "
+                         "give each machine a checkpoint of the same step, or 'latest'")
     accelerator.load_state(str(path))
     accelerator.wait_for_everyone()  # every process has read the checkpoint before any is renamed
     run_dir = accelerator.project_dir
-    if accelerator.is_main_process and run_dir and path.parent.resolve() == (Path(run_dir) / CHECKPOINTS_DIR).resolve():
+    if writes_output(accelerator) and run_dir and path.parent.resolve() == (Path(run_dir) / CHECKPOINTS_DIR).resolve():
         set_aside_newer(run_dir, step)
     accelerator.wait_for_everyone()
     logger.info("resumed from %s at step %d", path, step)

@@ -11,16 +11,28 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import accelerate
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 
 import latentdiff
+from latentdiff.data.nodes import output_on_each_node
 
 RUN_FILE = "latentdiff_run.json"
+
+logger = logging.getLogger(__name__)
 
 
 def check_run_kind(output_dir: str | Path, run_kind: str) -> None:
@@ -41,7 +53,11 @@ def check_run_kind(output_dir: str | Path, run_kind: str) -> None:
 
 
 def make_accelerator(args, run_kind: str) -> Accelerator:
-    """An Accelerator for this run; seeds everything and marks output_dir as a run of `run_kind`."""
+    """An Accelerator for this run; seeds everything and marks output_dir as a run of `run_kind`.
+
+    Machines that do not share output_dir (each its own disk) each write the whole run into theirs: accelerate's
+    ``save_on_each_node`` is set, and :func:`writes_output` names the one process of each machine that writes.
+    """
     check_run_kind(args.output_dir, run_kind)
     report = args.report_to if args.report_to != "none" else None
     accelerator = Accelerator(
@@ -56,6 +72,13 @@ def make_accelerator(args, run_kind: str) -> Accelerator:
         # the data order becomes a function of (seed, epoch): what exact resume needs
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(
+            f"the accelerate config asks for FSDP, but accelerate {accelerate.__version__} runs FSDP only across several "
+            f"GPU (or other accelerator) processes: here ({accelerator.distributed_type.value}, {accelerator.num_processes} "
+            "process(es)) each would train a whole copy without a word; use a config without FSDP on a CPU "
+            "(tests/accelerate_cpu.yaml, or --multi_gpu with ACCELERATE_USE_CPU=true)"
+        )
     # our notes (saved checkpoint, resumed at step) on the main process; other libraries' warnings only
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("latentdiff").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -63,7 +86,11 @@ def make_accelerator(args, run_kind: str) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(args.seed)
-    if accelerator.is_main_process:
+    # found out, not a flag: a checkpoint written on the main machine only cannot resume on the others
+    accelerator.project_configuration.save_on_each_node = output_on_each_node(accelerator, args.output_dir)
+    if accelerator.project_configuration.save_on_each_node:
+        logger.info("--output_dir %s is not shared between the machines: each writes its own checkpoints and pipeline", args.output_dir)
+    if writes_output(accelerator):
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         marker = {"kind": run_kind, "latentdiff_version": latentdiff.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         (Path(args.output_dir) / RUN_FILE).write_text(json.dumps(marker, indent=2) + "\n")
@@ -71,6 +98,32 @@ def make_accelerator(args, run_kind: str) -> Accelerator:
         accelerator.init_trackers(run_kind, config=_loggable(vars(args)))
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def writes_output(accelerator: Accelerator) -> bool:
+    """Whether this process writes the run's files (checkpoints, the exported model) into its --output_dir: the
+    main process, or the first process of each machine when the machines do not share it (``make_accelerator``)."""
+    if accelerator.project_configuration.save_on_each_node:
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process
+
+
+@contextmanager
+def saving_on_any_rank(pipeline) -> Iterator[None]:
+    """Inside the block, the pipeline's transformers models save on whichever process calls ``save_pretrained``.
+
+    transformers 5 writes a model on torch.distributed rank 0 only, and silently (``should_save_on_this_rank``):
+    another machine's exported pipeline would get an empty text_encoder folder. Who writes is ours to decide
+    (:func:`writes_output`).
+    """
+    models = [m for m in pipeline.components.values() if hasattr(m, "should_save_on_this_rank")]
+    for model in models:
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        for model in models:
+            del model.should_save_on_this_rank
 
 
 def _loggable(config: dict) -> dict:
