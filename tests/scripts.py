@@ -3,9 +3,11 @@
 import importlib.util
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
@@ -57,3 +59,37 @@ def launch_two_processes(script: Path, argv, step: int) -> str:
     ends = dict(re.findall(rf"process (\d) of 2: step {step}, 0 batches skipped, weights checksum (\S+)", log))
     assert set(ends) == {"0", "1"} and ends["0"] == ends["1"], log[-4000:]
     return log
+
+
+def launch_two_machines(script: Path, argvs, step: int) -> list[str]:
+    """``accelerate launch`` of ``script`` as two machines of one CPU process each on loopback (machine r runs
+    ``argvs[r]``: each its own folders, as nodes without a shared disk); asserts both succeeded and that their
+    weights agree to the bit at ``step``; returns the two logs."""
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "ACCELERATE_USE_CPU": "true"}
+    logs = [tempfile.TemporaryFile("w+") for _ in argvs]  # not pipes: a full pipe would stall one machine
+    processes = [
+        subprocess.Popen([
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+            *map(str, argv),
+        ], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for rank, (argv, log) in enumerate(zip(argvs, logs, strict=True))
+    ]  # fmt: skip
+    try:
+        for process in processes:
+            process.wait(timeout=300)
+    finally:  # a machine left waiting for the other at a barrier, with the processes it started
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    for log in logs:
+        log.seek(0)
+    logs = [log.read() for log in logs]
+    for process, log in zip(processes, logs, strict=True):
+        assert process.returncode == 0, log[-4000:]
+    ends = dict(m for log in logs for m in re.findall(rf"process (\d) of 2: step {step}, 0 batches skipped, weights checksum (\S+)", log))
+    assert set(ends) == {"0", "1"} and ends["0"] == ends["1"], "\n".join(log[-2000:] for log in logs)
+    return logs
