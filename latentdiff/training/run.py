@@ -89,6 +89,12 @@ def make_accelerator(args, run_kind: str) -> Accelerator:
     # found out, not a flag: a checkpoint written on the main machine only cannot resume on the others
     accelerator.project_configuration.save_on_each_node = output_on_each_node(accelerator, args.output_dir)
     if accelerator.project_configuration.save_on_each_node:
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError(
+                f"--output_dir {args.output_dir!r} is not shared between the machines, and {accelerator.distributed_type.value} "
+                "checkpoints are written in parts by the processes of all machines (full weights by process 0 only): "
+                "no machine would hold a checkpoint it can resume from. Give an --output_dir on a disk they all share"
+            )
         logger.info("--output_dir %s is not shared between the machines: each writes its own checkpoints and pipeline", args.output_dir)
     if writes_output(accelerator):
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
