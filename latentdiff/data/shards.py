@@ -510,6 +510,7 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         # DataLoaderShard tells the stream its own epoch count again at every iter(): set both
         self.loader.set_epoch(epoch)
+        self.share.skip_batches = 0  # a resumed epoch left unfinished skips nothing in the next
 
     def resumed(self, skip_batches: int):
         """This epoch's batches after the first ``skip_batches``, without decoding those (see the module docstring)."""
