@@ -62,6 +62,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(x, y) for x, y in zip(*ema, strict=True))
 
 
+@pytest.mark.slow  # ~40 s on 2 idle cores: two launches of two machines
 def test_two_machines_without_a_shared_disk_each_write_the_whole_run_and_resume(vae, tmp_path):
     """Each machine builds the latent cache alone and writes complete checkpoints and the pipeline into its own
     output dir (one writer per file: its one process); both hold the same weights; the validation grid is
@@ -109,6 +110,7 @@ def test_two_machines_without_a_shared_disk_each_write_the_whole_run_and_resume(
     assert (resumed[0] / "out" / "checkpoints" / f"abandoned-checkpoint-{STEPS}").is_dir()  # set aside, not deleted
 
 
+@pytest.mark.slow  # ~11 s on 2 idle cores
 def test_two_machines_on_a_shared_disk_write_one_copy(vae, tmp_path):
     """One folder for both machines (a shared file system): one cache of two shards, one writer of every file."""
     argv = flags(vae, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2, "--cache_latents")
