@@ -346,7 +346,7 @@ def server(studio):
 
     port = free_port()
     demo = build_app(studio)
-    launch(demo, studio, "127.0.0.1", port, None, max_upload_mb=1, block=False)
+    launch(demo, studio, "127.0.0.1", port, None, max_upload_mb=0.5, block=False)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -360,6 +360,11 @@ def test_the_page_generates_an_image_with_its_settings(browser, server, tmp_path
             images = driver.find_elements(By.CSS_SELECTOR, "#gallery img")
             return images if len(images) >= count else None
         return WebDriverWait(browser, 60).until(found)
+
+    def toast_says(text):
+        def said(driver):
+            return any(text in toast.text for toast in driver.find_elements(By.CSS_SELECTOR, ".toast-body"))
+        WebDriverWait(browser, 30).until(said, f"no message {text!r} in the page")
 
     def png_at(url, name):
         path = tmp_path / name
@@ -380,11 +385,22 @@ def test_the_page_generates_an_image_with_its_settings(browser, server, tmp_path
     assert second.read_bytes() != b"" and np.array_equal(pixels(first), pixels(second))  # the same seed, the same image
     assert "1 image, seed 0" in browser.find_element(By.CSS_SELECTOR, "#status").text
 
-    # an upload that is no image: a message in the page
+    # dropping a PNG on the page restores its settings
+    prompt.clear()
+    prompt.send_keys("something else")
+    browser.find_element(By.CSS_SELECTOR, "#restore input[type=file]").send_keys(str(first))
+    WebDriverWait(browser, 30).until(lambda d: "restored the settings of first.png" in d.find_element(By.CSS_SELECTOR, "#status").text)
+    assert prompt.get_attribute("value") == PROMPT
+
+    # an upload over --max_upload_mb, then one that is no image: a message in the page each
     browser.find_element(By.XPATH, "//button[@role='tab' and text()='img2img']").click()
+    big = tmp_path / "big.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(big)  # ~0.8 MB
+    upload = WebDriverWait(browser, 20).until(lambda d: d.find_element(By.CSS_SELECTOR, "#img2img-source input[type=file]"))
+    upload.send_keys(str(big))
+    toast_says('exceed the maximum allowed size of 488.3 Kb: "big.png"')
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
-    upload = WebDriverWait(browser, 20).until(lambda d: d.find_element(By.CSS_SELECTOR, "#img2img-source input[type=file]"))
-    upload.send_keys(str(bad))
-    toast = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".toast-body"))
-    assert "broken.png is not a readable image" in toast[0].text and "Traceback" not in browser.page_source
+    browser.find_element(By.CSS_SELECTOR, "#img2img-source input[type=file]").send_keys(str(bad))
+    toast_says("broken.png is not a readable image (cannot identify image file 'broken.png')")
+    assert "Traceback" not in browser.page_source

@@ -105,8 +105,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                                                    elem_id="inpainting-source")
                             editor = gr.ImageEditor(
                                 label="paint the part to regenerate", sources=(), type="numpy", layers=False,
-                                transforms=(), brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff",
-                                                              color_mode="fixed"), height=320,
+                                transforms=(), height=320,  # a see-through brush: the mask is wherever it painted
+                                brush=gr.Brush(colors=[("#ff0080", 0.5)], default_color=("#ff0080", 0.5),
+                                               color_mode="fixed"),
                             )
                             inpaint_strength = gr.Slider(0.05, 1, value=1.0, step=0.05, label="strength")
                             generate_inpaint = gr.Button("Generate", variant="primary", elem_id="generate-inpainting")
@@ -114,10 +115,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                         status = gr.Markdown(elem_id="status")
                         cancel = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=0)
                     with gr.Row():
-                        preview = gr.Image(label="preview: the latents mapped to colour, then the images",
+                        preview = gr.Image(label="preview (latents mapped to colour)",
                                            interactive=False, format="png", height=300, elem_id="preview", scale=2)
                         gallery = gr.Gallery(label="gallery (each PNG carries its settings)", columns=3, format="png",
-                                             elem_id="gallery", height=300, preview=False, object_fit="contain",
+                                             elem_id="gallery", height="auto", preview=False, object_fit="contain",
                                              scale=3)
         with gr.Tab("runs"):
             with gr.Row(equal_height=True):
@@ -237,7 +238,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 values.get("lora_scale", gr.update()), note,
             )
 
-        restore.upload(restore_settings, restore, [*common[:11], lora_scale, status], concurrency_limit=None)
+        restored = [prompt, negative_prompt, scheduler, steps, guidance, seed, width, height, lora, lora_path, lora_scale,
+                    status]
+        restore.upload(restore_settings, restore, restored, concurrency_limit=None)
 
         @shown
         def show_source(path):
@@ -286,7 +289,7 @@ def launch(demo: gr.Blocks, studio: Studio, host: str, port: int, auth: tuple[st
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo.launch(
         server_name=host, server_port=port, auth=auth, share=False, inbrowser=False, show_error=False,
-        max_file_size=f"{max_upload_mb}mb", allowed_paths=[str(studio.outdir)], ssr_mode=False, mcp_server=False,
+        max_file_size=int(max_upload_mb * 1e6), allowed_paths=[str(studio.outdir)], ssr_mode=False, mcp_server=False,
         pwa=False, enable_monitoring=False, prevent_thread_lock=not block, quiet=not block,
         footer_links=["api", "settings"],
     )

@@ -19,11 +19,11 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from latentdiff.pipelines import LatentDiffImg2ImgPipeline, LatentDiffInpaintPipeline, LatentDiffPipeline
 
 from latentdiff.cli import SCHEDULERS, make_scheduler
 from latentdiff.data.transforms import exif_upright, open_image, to_rgb
 from latentdiff.images import image_grid, read_settings, save_png, settings_text
+from latentdiff.pipelines import LatentDiffImg2ImgPipeline, LatentDiffInpaintPipeline, LatentDiffPipeline
 from latentdiff.presets import default_image_size, vae_scale_factor
 from latentdiff.training.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, load_lora, lora_file
 from latentdiff.ui.preview import fit_latent_rgb
@@ -99,7 +99,8 @@ def load_upload(path: str | Path | None, what: str = "image", max_pixels: int = 
             raise ValueError(f"{name} is {width}x{height}: larger than the {max_pixels:,} pixels an upload may have")
         return to_rgb(exif_upright(open_image(path)))
     except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-        raise ValueError(f"{name} is not a readable image ({error})") from None
+        # PIL names the file by its path, here a temporary one of gradio's: the page says the name it was given
+        raise ValueError(f"{name} is not a readable image ({str(error).replace(str(path), name)})") from None
 
 
 def mask_from_layers(layers: list[np.ndarray]) -> PIL.Image.Image:
