@@ -7,10 +7,13 @@ skipped, with the same captions, as training on SOURCE directly would. Written:
 
 - ``OUTPUT_DIR/shard-00000.tar ...``: one sample per item, keyed by its number: the image file's bytes as
   stored (a JPEG stays that JPEG), ``txt`` its caption, or ``json`` a list when it has several;
-- ``OUTPUT_DIR/index.json`` (last, atomically: a folder with an index is complete): per sample its key, shard,
-  byte offset and upright width and height, per shard its name, count and size, and the total count;
+- ``OUTPUT_DIR/index.json``: per sample its key, shard, byte offset and upright width and height, per shard
+  its name, count and size, and the total count;
 - ``OUTPUT_DIR/validation/``: the same for the items build_dataset holds out of SOURCE as its validation
   split (none when SOURCE is too small to hold any out: training and validation are then both all of it).
+
+Every file is written under a temporary name and renamed, ``OUTPUT_DIR/index.json`` last of all: a folder
+with it is complete.
 
 Items are written in an order drawn from ``--seed``: a shuffle buffer mixes only nearby samples, so shards
 written in a folder's sorted order (often one subject after another) would train badly.
@@ -121,11 +124,13 @@ def prepare(args: argparse.Namespace) -> dict:
             raise ValueError(
                 f"{dataset.name} has no stored image files to write; give a folder or a datasets dataset"
             )
-    written = {"train": write_shards(train, out, items, max_bytes, captions, args.seed), "validation": 0}
+    written = {"validation": 0}
     if validation.name != train.name:  # a split of its own, or items held out (a small source holds none)
         written["validation"] = write_shards(
             validation, out / VALIDATION_DIR, items, max_bytes, captions, args.seed
         )
+    # the training index last of all: a folder with it is complete, validation/ included
+    written["train"] = write_shards(train, out, items, max_bytes, captions, args.seed)
     return written
 
 
