@@ -74,6 +74,21 @@ def test_latentdiff_and_its_command_import_no_gradio():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+def test_serve_launches_with_its_flags(tiny_pipeline_dir, tmp_path, monkeypatch):
+    app = pytest.importorskip("latentdiff.ui.app", reason="the web UI needs the ui extra")
+    seen = {}
+
+    def launch(demo, studio, host, port, auth, max_upload_mb):
+        seen.update(host=host, port=port, auth=auth, max_upload_mb=max_upload_mb, outdir=studio.outdir)
+
+    monkeypatch.setattr(app, "launch", launch)
+    argv = ["serve", str(tiny_pipeline_dir), "--host", "0.0.0.0", "--port", "8123", "--auth", "ann:pass:word",
+            "--outdir", str(tmp_path / "pngs"), "--max_upload_mb", "2.5"]
+    assert main(argv) == 0
+    assert seen == {"host": "0.0.0.0", "port": 8123, "auth": ("ann", "pass:word"), "max_upload_mb": 2.5,
+                    "outdir": tmp_path / "pngs"}
+
+
 def test_a_missing_model_is_one_line(capsys):
     pytest.importorskip("gradio")
     assert main(["serve", "/no/such/model"]) == 2

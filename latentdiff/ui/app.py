@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import random
+import sys
 import threading
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import and at launch: never phone home
@@ -284,12 +285,16 @@ def build_app(studio: Studio) -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, studio: Studio, host: str, port: int, auth: tuple[str, str] | None,
-           max_upload_mb: float, block: bool = True):
-    """Serve the page: one generation at a time (the queue), no share link, no analytics, uploads capped."""
+           max_upload_mb: float, block: bool = True) -> str:
+    """Serve the page (one generation at a time: the queue; no share link, no analytics, uploads capped) and
+    return its address; with ``block``, until interrupted."""
     demo.queue(default_concurrency_limit=1, max_size=32)
-    return demo.launch(
+    demo.launch(
         server_name=host, server_port=port, auth=auth, share=False, inbrowser=False, show_error=False,
         max_file_size=int(max_upload_mb * 1e6), allowed_paths=[str(studio.outdir)], ssr_mode=False, mcp_server=False,
-        pwa=False, enable_monitoring=False, prevent_thread_lock=not block, quiet=not block,
-        footer_links=["api", "settings"],
-    )
+        pwa=False, enable_monitoring=False, prevent_thread_lock=True, quiet=True, footer_links=["api", "settings"],
+    )  # quiet: gradio would suggest share=True, which this UI never sets
+    if block:
+        print(f"latentdiff serve: on {demo.local_url} (Ctrl+C stops it)", file=sys.stderr)
+        demo.block_thread()
+    return demo.local_url
