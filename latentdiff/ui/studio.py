@@ -214,6 +214,8 @@ class Studio:
             return tensors
 
         with self.lock:
+            if stop is not None and stop.is_set():  # cancelled while another run held the model
+                raise Cancelled("cancelled before it started")
             self._use_lora(s.lora, s.lora_scale)
             pipe = PIPELINES[s.mode].from_pipe(self.pipe, scheduler=make_scheduler(s.scheduler, self.pipe.scheduler.config))
             kwargs = {}
@@ -259,17 +261,9 @@ class Studio:
             settings = read_settings(png)
         if settings is None:
             raise ValueError(f"{Path(path).name} carries no latentdiff settings (a PNG from latentdiff generate or serve)")
-        values, skipped = {}, []
-        fields = {f.name: f.type for f in dataclasses.fields(Settings)}
-        aliases = {"guidance": "guidance_scale"}
-        for key, value in settings.items():
-            key = aliases.get(key, key)
-            if key in ("model",):
-                continue
-            if key not in fields:
-                skipped.append(key)
-                continue
-            values[key] = value
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        values = {key: value for key, value in settings.items() if key in fields}
+        skipped = [key for key in settings if key not in fields and key != "model"]  # the model is the one loaded
         values.setdefault("width", image.width)
         values.setdefault("height", image.height)
         for key in ("width", "height"):
