@@ -400,12 +400,15 @@ def test_the_page_generates_an_image_with_its_settings(browser, server, tmp_path
     assert second.read_bytes() != b"" and np.array_equal(pixels(first), pixels(second))  # the same seed, the same image
     assert "1 image, seed 0" in browser.find_element(By.CSS_SELECTOR, "#status").text
 
-    # dropping a PNG on the page restores its settings
+    # a random seed; then dropping a PNG on the page restores its settings
+    seed = browser.find_element(By.CSS_SELECTOR, "#seed input")
+    browser.find_element(By.CSS_SELECTOR, "#random-seed").click()
+    WebDriverWait(browser, 20).until(lambda d: seed.get_attribute("value") != "0")
     prompt.clear()
     prompt.send_keys("something else")
     browser.find_element(By.CSS_SELECTOR, "#restore input[type=file]").send_keys(str(first))
     WebDriverWait(browser, 30).until(lambda d: "restored the settings of first.png" in d.find_element(By.CSS_SELECTOR, "#status").text)
-    assert prompt.get_attribute("value") == PROMPT
+    assert prompt.get_attribute("value") == PROMPT and seed.get_attribute("value") == "0"
 
     # an upload over --max_upload_mb, then one that is no image: a message in the page each
     browser.find_element(By.XPATH, "//button[@role='tab' and text()='img2img']").click()
