@@ -64,7 +64,8 @@ def build_app(studio: Studio) -> gr.Blocks:
     lora_choices = [NO_LORA, *studio.lora_choices()]
     run_folders = [str(p) for p in runs.find_runs(studio.model_dir)]
 
-    with gr.Blocks(title="latentdiff", analytics_enabled=False) as demo:
+    # gradio keeps every upload and shown image in its cache: a day's worth, checked hourly
+    with gr.Blocks(title="latentdiff", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gallery_paths = gr.State([])
         run_grids = gr.State([])
         with gr.Tab("generate"):
@@ -173,6 +174,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             finally:
                 stop.set()  # the page went away or cancelled: end the worker at its next step
                 worker.join()
+                if stops.get(request.session_hash) is stop:
+                    del stops[request.session_hash]
             error = outcome.get("error")
             if isinstance(error, Cancelled):
                 yield gr.update(), gr.update(), f"{error}", gr.update()
