@@ -1,4 +1,4 @@
-"""The ``latentdiff`` command: ``demo``, ``generate``, ``eval``, ``info``, and the training scripts.
+"""The ``latentdiff`` command: ``demo``, ``generate``, ``eval``, ``info``, ``serve``, and the training scripts.
 
 ``train-vae``, ``train`` and ``finetune`` run the training scripts ``train_vae.py``, ``train_ldm.py`` and
 ``finetune_lora.py`` (the repository's ``training/``, installed as ``latentdiff.scripts``) with every other
@@ -25,7 +25,7 @@ from latentdiff import DDIMScheduler, DDPMScheduler, LatentDiffPipeline, single_
 from latentdiff.data.args import BUILTIN_DATASETS
 from latentdiff.demo import DEMO_LDM_STEPS, DEMO_TRAIN_SAMPLES, DEMO_VAE_STEPS
 from latentdiff.features import check_clip_path
-from latentdiff.images import image_grid, save_png
+from latentdiff.images import image_grid, save_png, settings_text
 from latentdiff.presets import default_image_size, vae_scale_factor
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "euler")
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         verbs.add_parser(verb, add_help=False, help=f"run training/{script} (its --help lists the options)")
     verbs.add_parser("convert", add_help=False, help="a pipeline folder to an SD single .safetensors file and back "
                      "(latentdiff convert --help)")  # parsed by latentdiff.single_file: see main()
+    verbs.add_parser("prepare", add_help=False, help="a folder or datasets dataset as WebDataset tar shards with an "
+                     "index of image sizes (latentdiff prepare --help)")  # parsed by latentdiff.data.prepare: see main()
+    verbs.add_parser("serve", add_help=False, help="a web UI for a pipeline folder: text-to-image, img2img, inpainting, "
+                     "training runs (needs the ui extra; latentdiff serve --help)")  # parsed by latentdiff.ui.serve
     return parser
 
 
@@ -237,7 +241,7 @@ def run_generate(args) -> None:
         "model": str(Path(args.model_dir).resolve()),
     }
     image = images[0] if len(images) == 1 else image_grid(images)
-    save_png(image, out, {"latentdiff": json.dumps(settings)})
+    save_png(image, out, settings_text(settings))
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, seed {args.seed})")
 
 
@@ -275,6 +279,18 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as error:
             print(f"latentdiff convert: error: {error}", file=sys.stderr)
             return 2
+    if argv and argv[0] == "prepare":
+        from latentdiff.data import prepare
+
+        try:
+            return prepare.main(argv[1:])
+        except (ValueError, FileNotFoundError, ConnectionError) as error:
+            print(f"latentdiff prepare: error: {error}", file=sys.stderr)
+            return 2
+    if argv and argv[0] == "serve":  # gradio (the ui extra) is imported only by this verb
+        from latentdiff.ui.serve import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         {"demo": run_demo, "generate": run_generate, "eval": run_eval, "info": run_info}[args.verb](args)

@@ -289,4 +289,7 @@ def resumed_batches(accelerator, dataloader, args, global_step: int):
     first_epoch, skip = batches_to_skip(global_step, args.gradient_accumulation_steps, len(dataloader))
     for epoch in range(first_epoch, args.num_train_epochs):
         set_epoch(dataloader, epoch)
-        yield from accelerator.skip_first_batches(dataloader, skip) if epoch == first_epoch and skip else dataloader
+        if epoch == first_epoch and skip and hasattr(dataloader, "resumed"):  # a shard stream: skipped undecoded
+            yield from dataloader.resumed(skip)
+        else:
+            yield from accelerator.skip_first_batches(dataloader, skip) if epoch == first_epoch and skip else dataloader

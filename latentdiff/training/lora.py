@@ -39,6 +39,7 @@ from transformers.integrations import peft as transformers_peft
 
 from latentdiff.data.files import atomic_path
 from latentdiff.pipelines import LatentDiffPipeline
+from latentdiff.training.run import writes_output
 
 # the attention projections: what diffusers' and the LoRA paper's (W_q, W_k, W_v, W_o) adapters target
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -311,7 +312,7 @@ def register_lora_checkpointing(accelerator: Accelerator, unet, text_encoder=Non
         return next((component for component, own in ours.items() if own is model), None)
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
+        if writes_output(accelerator):
             save_lora(output_dir, unet, text_encoder)
         for i in reversed(range(len(models))):  # accelerate saves what is left in `weights`
             if component_of(models[i]) is not None:

@@ -28,6 +28,7 @@ from transformers import CLIPTokenizer
 
 from latentdiff.data.files import atomic_path
 from latentdiff.training.models import Models
+from latentdiff.training.run import writes_output
 from latentdiff.training.text_to_image import TextToImage
 
 TEXTUAL_INVERSION_DIR = "textual_inversion"
@@ -228,7 +229,7 @@ class TextualInversion(TextToImage):
             return accelerator.unwrap_model(model) is accelerator.unwrap_model(self.text_encoder)
 
         def save_hook(models: list, weights: list, output_dir: str) -> None:
-            if accelerator.is_main_process:
+            if writes_output(accelerator):
                 save_textual_inversion(output_dir, self.placeholder, self.embedding.vectors)
             for i in reversed(range(len(models))):  # accelerate saves what is left in `weights`
                 if ours(models[i]):
@@ -258,7 +259,7 @@ class TextualInversion(TextToImage):
     def export(self, path: Path) -> Path:
         """Write the vectors (their EMA with --use_ema) in diffusers' and A1111's layouts into ``path``. Every
         process calls it; the main process writes."""
-        if self.accelerator.is_main_process:
+        if writes_output(self.accelerator):
             with self.averaged():
                 save_textual_inversion(path, self.placeholder, self.embedding.vectors)
         self.accelerator.wait_for_everyone()
