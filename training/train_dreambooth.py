@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = 400
     check_text_to_image_args(args)
+    for flag in ("enable_bucket", "masked_loss"):
+        if getattr(args, flag):
+            raise ValueError(f"train_dreambooth.py does not take --{flag}: its instance and class images are paired in "
+                             "one batch at --resolution. Fine-tune with finetune_lora.py or train_ldm.py for it")
     check_lora_args(args)
     check_dreambooth_args(args)
     return args

@@ -115,6 +115,9 @@ def check_args(args, vae: AutoencoderKL) -> None:
             f"--resolution {args.resolution} is not divisible by the VAE's downsampling factor {factor}: "
             f"use a multiple of {factor}"
         )
+    if args.enable_bucket and args.bucket_reso_steps % factor:
+        raise ValueError(f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of the VAE's downsampling "
+                         f"factor {factor}: use a multiple of {factor}")
     for name in ("num_heldout_images", "num_grid_images", "scaling_factor_images", "disc_channels", "disc_layers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)!r}")

@@ -98,6 +98,22 @@ def add_image_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0,
                        help="data loading processes (0: load in the main process)")
+    group.add_argument("--shuffle_buffer", type=int, default=None,
+                       help="tar shards (latentdiff prepare): samples each data loading process shuffles among as it "
+                            "streams (default 1000, webdataset's; that many encoded images held in memory each)")
+    buckets = parser.add_argument_group("aspect-ratio buckets (kohya-ss sd-scripts' names)")
+    buckets.add_argument(
+        "--enable_bucket", action="store_true",
+        help="train each image at the size of about --resolution^2 pixels nearest its aspect (a bucket), cropping "
+             "only what sticks out, instead of a center square; a batch holds one bucket",
+    )
+    buckets.add_argument("--min_bucket_reso", type=int, default=256, help="the shortest side a bucket may have")
+    buckets.add_argument("--max_bucket_reso", type=int, default=1024, help="the longest side a bucket may have")
+    buckets.add_argument(
+        "--bucket_reso_steps", type=int, default=64,
+        help="bucket sides are multiples of this; it must be a multiple of what the models need (the VAE's "
+             "downsampling x the UNet's: 64 for SD's)",
+    )
     return parser
 
 

@@ -18,8 +18,8 @@ Multi-process runs (accelerate): process r of W encodes the r-th contiguous shar
 into ``shard-r-of-W.safetensors`` (written under a temporary name and renamed: never seen half
 written), all wait, the main process writes ``manifest.json`` the same way, all wait, and every
 process opens every shard: :class:`LatentCache` reads an item's rows from its shard when the item is
-accessed, so no process holds the latents in memory, however large the dataset. The cache directory must be visible to all processes (one machine,
-or a shared file system). A shard left by an interrupted run is complete (renamed only when
+accessed, so no process holds the latents in memory, however large the dataset. Machines that do not share the cache directory (each
+its own disk) each build the whole cache, split among their own processes (``latentdiff.data.nodes``). A shard left by an interrupted run is complete (renamed only when
 done) and is reused.
 
 Random crops cannot be cached (a cache holds one view per image): ``cache_latents`` refuses
@@ -44,12 +44,14 @@ from torch.utils.data import Dataset
 
 from latentdiff.data.dataset import EpochSeeded, pick_caption
 from latentdiff.data.files import atomic_path, default_cache_dir, digest
+from latentdiff.data.nodes import cache_writers
+from latentdiff.data.transforms import latent_mask
 from latentdiff.presets import vae_scale_factor
 from latentdiff.text import encode_prompts
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: aspect-ratio buckets and masks
 NULL_CAPTION = ""
 
 
@@ -91,8 +93,8 @@ class LatentCache(EpochSeeded, Dataset):
         self.shards = shards
         self.starts = [0]  # item i lies in the shard s with starts[s] <= i < starts[s + 1]
         for shard in shards:
-            self.starts.append(self.starts[-1] + shard.shape("latent_mean")[0])
-        self.views = shards[0].shape("latent_mean")[1]
+            self.starts.append(self.starts[-1] + shard.items)
+        self.views = next((shard.views for shard in shards if shard.views), 1)
         self.caption_offsets = caption_offsets  # (N + 1,): item i's captions are caption_ids[off[i]:off[i+1]]
         self.caption_ids = caption_ids  # indices into captions
         self.captions = captions  # distinct captions; captions[0] is ""
@@ -100,6 +102,7 @@ class LatentCache(EpochSeeded, Dataset):
         # the empty caption's states (L, D), for classifier-free guidance dropout; None without text
         self.null_encoder_hidden_states = None if text_rows is None else self._text_states(0)
         self.folder = folder
+        self.masked = any(shard.masked for shard in shards)
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -113,15 +116,24 @@ class LatentCache(EpochSeeded, Dataset):
         ids = self.caption_ids[self.caption_offsets[index]:self.caption_offsets[index + 1]].tolist()
         caption_id = int(pick_caption(ids, generator))
         s = bisect.bisect_right(self.starts, index) - 1
-        row = index - self.starts[s]
+        shard = self.shards[s]
+        suffix, row = shard.locate(index - self.starts[s])
         item = {
-            "latent_mean": self.shards[s].read("latent_mean", row, view),  # (C, h, w)
-            "latent_std": self.shards[s].read("latent_std", row, view),  # (C, h, w)
+            "latent_mean": shard.read("latent_mean" + suffix, row, view),  # (C, h, w)
+            "latent_std": shard.read("latent_std" + suffix, row, view),  # (C, h, w)
             "text": self.captions[caption_id],
         }
+        if shard.masked:
+            item["mask"] = shard.read("mask" + suffix, row, view)  # (1, h, w): the loss mask on the latent grid
         if self.text_rows is not None:
             item["encoder_hidden_states"] = self._text_states(caption_id)  # (L, D)
         return item
+
+    def bucket_targets(self) -> list[tuple[int, int]] | None:
+        """Each item's aspect-ratio bucket (width, height) in pixels, for batching; None without buckets."""
+        if not any(shard.sizes for shard in self.shards):
+            return None
+        return [tuple(shard.sizes[k]) for shard in self.shards for k in shard.bucket_index[:, 0].tolist()]
 
     def _text_states(self, caption_id: int) -> torch.Tensor:
         s, row = self.text_rows[caption_id].tolist()
@@ -129,12 +141,12 @@ class LatentCache(EpochSeeded, Dataset):
 
     @property
     def latent_mean(self) -> torch.Tensor:
-        """Every item's mean (N, V, C, h, w), read from disk now: to inspect a cache, not to train from."""
+        """Every item's mean (N, V, C, h, w), read from disk now: to inspect a cache (of one size), not to train from."""
         return torch.cat([shard.read_all("latent_mean") for shard in self.shards])
 
     @property
     def latent_std(self) -> torch.Tensor:
-        """Every item's std (N, V, C, h, w), read from disk now: to inspect a cache, not to train from."""
+        """Every item's std (N, V, C, h, w), read from disk now: to inspect a cache (of one size), not to train from."""
         return torch.cat([shard.read_all("latent_std") for shard in self.shards])
 
     @classmethod
@@ -181,11 +193,26 @@ class ShardReader:
         with open(self.path, "rb") as f:  # the safetensors layout: u64 header size, JSON header, data
             (header_size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_size))
-        header.pop("__metadata__", None)
+        metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + header_size
         self.tensors = {name: (_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"][0])
                         for name, info in header.items()}
         self._fd, self._pid = None, None
+        # buckets: each bucket's [width, height] and each item's (bucket, row); without, one tensor of all items
+        self.sizes = json.loads(metadata["sizes"]) if "sizes" in metadata else None
+        self.bucket_index = self.read_all("bucket_index") if self.sizes is not None else None
+        self.items = self.tensors["caption_offsets"][1][0] - 1
+        means = [shape for name, (_, shape, _) in self.tensors.items() if name.startswith("latent_mean")]
+        self.views = next((shape[1] for shape in means), 0)
+        self.masked = any(name.startswith("mask") for name in self.tensors)
+
+    def locate(self, item: int) -> tuple[str, int]:
+        """The tensor-name suffix and the row of item ``item`` of this shard."""
+        if self.sizes is None:
+            return "", item
+        k, row = self.bucket_index[item].tolist()
+        width, height = self.sizes[k]
+        return f"@{width}x{height}", row
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][1]
@@ -245,24 +272,24 @@ def cache_latents(dataset, vae, *, cache_dir: str | os.PathLike | None = None, t
         raise ValueError("caching text needs both text_encoder and tokenizer (or neither)")
     views = 2 if dataset.random_flip else 1
     key = digest(
-        VERSION, dataset.fingerprint, views, str(dtype), model_digest(vae),
+        VERSION, dataset.fingerprint, views, getattr(dataset, "masked", False), str(dtype), model_digest(vae),
         None if text_encoder is None else (model_digest(text_encoder), tokenizer_digest(tokenizer)),
     )
     folder = Path(cache_dir or default_cache_dir()) / "latents" / key
     manifest = folder / "manifest.json"
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    rank, world, writes_manifest = cache_writers(accelerator, folder)  # on a machine's own disk, its share of all
     shard = f"shard-{rank:05d}-of-{world:05d}.safetensors"
     if manifest.exists():
         logger.info("latent cache hit: %s", folder)
     elif not (folder / shard).exists():
         start, end = rank * len(dataset) // world, (rank + 1) * len(dataset) // world
         logger.info("latent cache miss: encoding items %d-%d of %s into %s", start, end, dataset.name, folder / shard)
-        tensors, captions = _encode(dataset, range(start, end), views, vae, text_encoder, tokenizer, batch_size, dtype)
-        write_shard(folder / shard, tensors, captions)
+        tensors, captions, sizes = _encode(dataset, range(start, end), views, vae, text_encoder, tokenizer, batch_size, dtype)
+        write_shard(folder / shard, tensors, captions, sizes)
     # Every process passes both barriers, hit or miss, so that none waits for one that went ahead.
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    if rank == 0 and not manifest.exists():
+    if writes_manifest and not manifest.exists():
         write_manifest(folder, len(dataset), views, [f"shard-{r:05d}-of-{world:05d}.safetensors" for r in range(world)])
     if accelerator is not None:
         accelerator.wait_for_everyone()
@@ -271,12 +298,18 @@ def cache_latents(dataset, vae, *, cache_dir: str | os.PathLike | None = None, t
     return cache
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], captions: list[str]) -> None:
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], captions: list[str],
+                sizes: list[list[int]] | None = None) -> None:
     """One shard: ``latent_mean``/``latent_std`` (n, V, C, h, w), ``caption_offsets`` (n + 1,),
     ``caption_ids`` into ``captions`` (which start with ""), optionally ``text_hidden_states``
-    (len(captions), L, D). Written under a temporary name and renamed."""
+    (len(captions), L, D) and ``mask`` (n, V, 1, h, w). With aspect-ratio buckets (``sizes``: each bucket's
+    [width, height]), the latents of bucket [w, h] are ``latent_mean@WxH`` etc. and ``bucket_index`` (n, 2)
+    gives each item's (bucket, row). Written under a temporary name and renamed."""
+    metadata = {"captions": json.dumps(captions)}
+    if sizes is not None:
+        metadata["sizes"] = json.dumps(sizes)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"captions": json.dumps(captions)})
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def write_manifest(folder: Path, items: int, views: int, shards: list[str]) -> None:
@@ -287,46 +320,76 @@ def write_manifest(folder: Path, items: int, views: int, shards: list[str]) -> N
 
 @torch.no_grad()
 def _encode(dataset, positions: range, views: int, vae, text_encoder, tokenizer, batch_size: int, dtype: torch.dtype):
-    """Encode ``dataset[positions]``: latent mean/std of each view, and the distinct captions."""
+    """Encode ``dataset[positions]``: latent mean/std of each view (and the loss mask on the latent grid with
+    ``--masked_loss``), and the distinct captions. Images are encoded a bucket at a time (one size per VAE
+    batch); a dataset without buckets is one square bucket, stored under the plain names."""
     device, vae_dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    means, stds, offsets, caption_ids = [], [], [0], []
-    captions, index = [NULL_CAPTION], {NULL_CAPTION: 0}
-    for first in range(positions.start, positions.stop, batch_size):
-        images, kept = [], []
-        for position in range(first, min(first + batch_size, positions.stop)):
-            try:
-                images.append(torch.stack([dataset.image(position, flip=bool(v)) for v in range(views)]))
-            except Exception as error:  # a file that fails to decode is left out of the cache, as out of training
-                dataset.skipped.add_decode_failure(str(position), error)
+    masked = getattr(dataset, "masked", False)
+    bucketed = getattr(dataset, "bucket_targets", lambda: None)() is not None
+    groups: dict[tuple[int, int], list[int]] = {}
+    for position in positions:
+        groups.setdefault(dataset.target(position) if bucketed else (dataset.resolution,) * 2, []).append(position)
+    sizes = sorted(groups)
+    found: dict[int, tuple[int, int]] = {}  # position -> (bucket, row) of what was encoded
+    tensors: dict[str, torch.Tensor] = {}
+    for k, size in enumerate(sizes):
+        means, stds, masks, rows = [], [], [], 0
+        members = groups[size]
+        for first in range(0, len(members), batch_size):
+            images, kept = [], []
+            for position in members[first:first + batch_size]:
+                try:
+                    if masked:
+                        pairs = [dataset.image_and_mask(position, flip=bool(v)) for v in range(views)]
+                        images.append(tuple(torch.stack(t) for t in zip(*pairs, strict=True)))
+                    else:
+                        images.append((torch.stack([dataset.image(position, flip=bool(v)) for v in range(views)]),))
+                except Exception as error:  # a file that fails to decode is left out of the cache, as out of training
+                    dataset.skipped.add_decode_failure(str(position), error)
+                    continue
+                kept.append(position)
+            if not kept:
                 continue
-            kept.append(position)
-        if not kept:
-            continue
-        pixels = torch.stack(images).flatten(0, 1).to(device, vae_dtype)  # (B * V, 3, R, R)
-        posterior = vae.encode(pixels).latent_dist
-        means.append(posterior.mean.unflatten(0, (len(kept), views)).to("cpu", dtype))  # (B, V, C, h, w)
-        stds.append(posterior.std.unflatten(0, (len(kept), views)).to("cpu", dtype))  # (B, V, C, h, w)
-        for position in kept:
-            for caption in dataset.captions(position):
-                caption_ids.append(index.setdefault(caption, len(index)))
-                if len(index) > len(captions):
-                    captions.append(caption)
-            offsets.append(len(caption_ids))
-    latent_shape = _latent_shape(vae, dataset.resolution)
-    tensors = {
-        "latent_mean": torch.cat(means) if means else torch.empty((0, views, *latent_shape), dtype=dtype),
-        "latent_std": torch.cat(stds) if stds else torch.empty((0, views, *latent_shape), dtype=dtype),
-        "caption_offsets": torch.tensor(offsets, dtype=torch.long),
-        "caption_ids": torch.tensor(caption_ids, dtype=torch.long),
-    }
+            pixels = torch.stack([i[0] for i in images]).flatten(0, 1).to(device, vae_dtype)  # (B * V, 3, H, W)
+            posterior = vae.encode(pixels).latent_dist
+            means.append(posterior.mean.unflatten(0, (len(kept), views)).to("cpu", dtype))  # (B, V, C, h, w)
+            stds.append(posterior.std.unflatten(0, (len(kept), views)).to("cpu", dtype))  # (B, V, C, h, w)
+            if masked:
+                pixel_masks = torch.stack([i[1] for i in images]).flatten(0, 1)  # (B * V, 1, H, W)
+                grid = latent_mask(pixel_masks, posterior.mean.shape[-2:])
+                masks.append(grid.unflatten(0, (len(kept), views)).to(dtype))  # (B, V, 1, h, w)
+            for position in kept:
+                found[position] = (k, rows)
+                rows += 1
+        suffix = f"@{size[0]}x{size[1]}" if bucketed else ""
+        empty = (0, views, *_latent_shape(vae, size))
+        tensors["latent_mean" + suffix] = torch.cat(means) if means else torch.empty(empty, dtype=dtype)
+        tensors["latent_std" + suffix] = torch.cat(stds) if stds else torch.empty(empty, dtype=dtype)
+        if masked:
+            tensors["mask" + suffix] = torch.cat(masks) if masks else torch.empty((0, views, 1, *empty[-2:]), dtype=dtype)
+    if not sizes:  # an empty share
+        square = (dataset.resolution,) * 2
+        tensors["latent_mean"] = tensors["latent_std"] = torch.empty((0, views, *_latent_shape(vae, square)), dtype=dtype)
+    offsets, caption_ids, order = [0], [], sorted(found)
+    captions, index = [NULL_CAPTION], {NULL_CAPTION: 0}
+    for position in order:
+        for caption in dataset.captions(position):
+            caption_ids.append(index.setdefault(caption, len(index)))
+            if len(index) > len(captions):
+                captions.append(caption)
+        offsets.append(len(caption_ids))
+    tensors["caption_offsets"] = torch.tensor(offsets, dtype=torch.long)
+    tensors["caption_ids"] = torch.tensor(caption_ids, dtype=torch.long)
+    if bucketed:  # item i of the shard is row bucket_index[i, 1] of the tensors of bucket bucket_index[i, 0]
+        tensors["bucket_index"] = torch.tensor([found[p] for p in order], dtype=torch.long).reshape(-1, 2)
     if text_encoder is not None:
         tensors["text_hidden_states"] = encode_text(captions, text_encoder, tokenizer, batch_size).to(dtype)
-    return tensors, captions
+    return tensors, captions, [list(size) for size in sizes] if bucketed else None
 
 
-def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+def _latent_shape(vae, size: tuple[int, int]) -> tuple[int, int, int]:
     factor = vae_scale_factor(vae)
-    return vae.config.latent_channels, resolution // factor, resolution // factor
+    return vae.config.latent_channels, size[1] // factor, size[0] // factor
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from latentdiff.data.captions import CaptionOptions
 from latentdiff.data.files import digest
-from latentdiff.data.transforms import open_image, preprocess
+from latentdiff.data.transforms import MaskSizeError, open_image, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class SkipLog:
         logger.warning("%s: skipped %d items (%s). First: %s%s", self.name, len(self.entries), kinds, first, more)
 
     def add_decode_failure(self, path: str, error: BaseException) -> None:
-        reason = "too small" if isinstance(error, ImageTooSmall) else "failed to decode"
+        reason = ("too small" if isinstance(error, ImageTooSmall) else "mask of another size"
+                  if isinstance(error, MaskSizeError) else "failed to decode")
         self.add(path, reason, f"{type(error).__name__}: {error}")
         self._decode_failures += 1
         if self._decode_failures <= MAX_REPORTED_PATHS:
@@ -103,6 +104,7 @@ class CaptionedImageDataset(EpochSeeded, Dataset):
     """
 
     caption_options = CaptionOptions()
+    masked = False  # items carry "mask" (1, H, W) for --masked_loss: set by build_dataset where the source has masks
 
     def __init__(self, *, name: str, num_rows: int, resolution: int, fingerprint: str,
                  random_crop: bool = False, random_flip: bool = False):
@@ -113,6 +115,7 @@ class CaptionedImageDataset(EpochSeeded, Dataset):
         self.fingerprint = digest(fingerprint, resolution, random_crop, random_flip)
         self.skipped = SkipLog(name)
         self._rows = np.arange(num_rows)
+        self._targets: np.ndarray | None = None  # (rows, 2): each row's (width, height) bucket; None: square
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -120,14 +123,50 @@ class CaptionedImageDataset(EpochSeeded, Dataset):
     def __getitem__(self, index: int) -> dict:
         generator = self.item_generator(index)
         flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
-        return {
-            "pixel_values": self.image(index, flip=flip, generator=generator),
-            "text": self.caption_options(pick_caption(self.captions(index), generator), generator),
-        }
+        item = {}
+        if self.masked:
+            item["pixel_values"], item["mask"] = self.image_and_mask(index, flip=flip, generator=generator)
+        else:
+            item["pixel_values"] = self.image(index, flip=flip, generator=generator)
+        item["text"] = self.caption_options(pick_caption(self.captions(index), generator), generator)
+        return item
 
     def image(self, index: int, flip: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The (3, R, R) pixels of item ``index``; the same every time unless ``random_crop``."""
+        """The (3, H, W) pixels of item ``index`` (H = W = resolution, or its bucket's size); the same every
+        time unless ``random_crop``."""
         return self._row_image(int(self._rows[index]), flip, generator)
+
+    def image_and_mask(self, index: int, flip: bool = False, generator: torch.Generator | None = None):
+        """The pixels (3, H, W) and the loss mask (1, H, W) in [0, 1] of item ``index`` (--masked_loss)."""
+        return self._row_image(int(self._rows[index]), flip, generator, with_mask=True)
+
+    def target(self, index: int) -> tuple[int, int]:
+        """The (width, height) item ``index`` is cut to: its bucket's, or the resolution's square."""
+        if self._targets is None:
+            return self.resolution, self.resolution
+        return tuple(int(v) for v in self._targets[self._rows[index]])
+
+    def bucket_targets(self) -> list[tuple[int, int]] | None:
+        """Every item's bucket (width, height) with --enable_bucket, else None (all are square)."""
+        return None if self._targets is None else [tuple(int(v) for v in t) for t in self._targets[self._rows]]
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Every item's (width, height), upright, as stored (before resizing): what buckets are chosen from."""
+        return [self._row_size(int(row)) for row in self._rows]
+
+    def set_buckets(self, targets: Sequence[tuple[int, int]]) -> None:
+        """Cut item i to ``targets[i]`` from now on (per position of this view; rows outside it stay square)."""
+        if len(targets) != len(self):
+            raise ValueError(f"{len(targets)} bucket sizes for {len(self)} items")
+        full = np.full((int(self._rows.max(initial=-1)) + 1, 2), self.resolution, dtype=np.int64)
+        if self._targets is not None:
+            full[: len(self._targets)] = self._targets[: len(full)]
+        full[self._rows] = np.asarray(targets, dtype=np.int64).reshape(-1, 2)
+        self._targets = full
+        self.fingerprint = digest(self.fingerprint, "buckets", digest(full[self._rows].tobytes()))
+
+    def _row_size(self, row: int) -> tuple[int, int]:
+        return self.resolution, self.resolution  # the built-in datasets are square
 
     def captions(self, index: int) -> list[str]:
         return self._row_captions(int(self._rows[index]))
@@ -139,7 +178,7 @@ class CaptionedImageDataset(EpochSeeded, Dataset):
         view.fingerprint = digest(self.fingerprint, "subset", digest(view._rows.tobytes()))
         return view
 
-    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None, with_mask: bool = False):
         raise NotImplementedError
 
     def _row_captions(self, row: int) -> list[str]:
@@ -165,7 +204,8 @@ class ImageCaptionDataset(CaptionedImageDataset):
 
     def __init__(self, images: Sequence, captions: list[list[str]], *, name: str, resolution: int,
                  fingerprint: str, root: str | None = None, min_image_size: int = 0,
-                 random_crop: bool = False, random_flip: bool = False, skipped: SkipLog | None = None):
+                 random_crop: bool = False, random_flip: bool = False, skipped: SkipLog | None = None,
+                 sizes: Sequence[tuple[int, int]] | None = None, masks: Sequence[str | None] | None = None):
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} caption lists")
         super().__init__(name=name, num_rows=len(images), resolution=resolution, fingerprint=fingerprint,
@@ -177,6 +217,8 @@ class ImageCaptionDataset(CaptionedImageDataset):
         if skipped is not None:
             self.skipped = skipped
         self._bad_rows: set[int] = set()
+        self.sizes = sizes  # each row's upright (width, height), from the index; None: read from headers when asked
+        self.masks = masks  # each row's mask file for --masked_loss, "alpha" for its own transparency, or None
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(min(len(self), MAX_FALLBACKS)):
@@ -194,11 +236,21 @@ class ImageCaptionDataset(CaptionedImageDataset):
             f"the data looks broken (first failures: {self.skipped.entries[:MAX_REPORTED_PATHS]})"
         )
 
-    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        image = open_image(self.images[row], root=self.root, draft_size=max(self.resolution, self.min_image_size))
+    def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None, with_mask: bool = False):
+        target = self.resolution if self._targets is None else tuple(int(v) for v in self._targets[row])
+        image = open_image(self.images[row], root=self.root, draft_size=max(*np.atleast_1d(target), self.min_image_size))
         if min(image.size) < self.min_image_size:
             raise ImageTooSmall(f"{image.size[0]}x{image.size[1]} is below --min_image_size {self.min_image_size}")
-        return preprocess(image, self.resolution, self.random_crop, flip, generator)
+        mask = None
+        if with_mask:
+            mask = self.masks[row] if self.masks is not None else "alpha"
+            mask = open_image(mask, root=self.root) if mask not in (None, "alpha") else "alpha"
+        return preprocess(image, target, self.random_crop, flip, generator, mask=mask)
+
+    def _row_size(self, row: int) -> tuple[int, int]:
+        if self.sizes is not None:
+            return tuple(self.sizes[row])
+        return upright_size(self.images[row], self.root)
 
     def _row_captions(self, row: int) -> list[str]:
         return self.row_captions[row]
@@ -208,6 +260,16 @@ class ImageCaptionDataset(CaptionedImageDataset):
         if isinstance(source, dict):
             source = source.get("path") or "<bytes>"
         return source if isinstance(source, str) else f"{self.name}[{row}]"
+
+
+def upright_size(source, root: str | None = None) -> tuple[int, int]:
+    """An image's (width, height) once its EXIF orientation is applied, from its header alone."""
+    image = open_image(source, root=root, load=False)
+    width, height = image.size
+    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn
+        width, height = height, width
+    image.close()
+    return width, height
 
 
 class ColumnView:

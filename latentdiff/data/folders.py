@@ -40,6 +40,10 @@ IMAGE_EXTENSIONS = frozenset(
 )
 CAPTION_EXTENSIONS = (".txt", ".caption")  # the usual ones, named when an image has another than the one asked for
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MASK_SUFFIX = "_mask"  # photo.png + photo_mask.png: the loss mask of --masked_loss
+MASK_EXTENSIONS = (".png", ".webp", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+_EXIF_ORIENTATION = 0x0112
+_EXIF_SUFFIXES = frozenset(".jpg .jpeg .jpe .jfif .tif .tiff .webp".split())  # where cameras write an orientation
 IMAGE_COLUMN = "image"
 TEXT_COLUMN = "text"
 
@@ -52,6 +56,8 @@ class FolderIndex:
     captions: list[list[str]]
     skipped: SkipLog
     fingerprint: str
+    sizes: list[tuple[int, int]]  # each image's upright (width, height), read from its header
+    masks: list[str | None]  # each image's mask file (photo_mask.png beside photo.png), for --masked_loss
 
 
 def walk(root: Path) -> list[Path]:
@@ -82,25 +88,43 @@ def as_captions(value) -> list[str]:
     return [str(value)]
 
 
-def check_image(path: Path, min_image_size: int = 0) -> tuple[str, str] | None:
-    """``None`` for an image that opens and verifies, else ``(reason, detail)``. Headers only:
-    ``verify`` checks a PNG's chunk checksums but does not decode pixels."""
+def check_image(path: Path, min_image_size: int = 0) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
+    """``(None, (width, height))`` for an image that opens and verifies (its size upright, EXIF orientation
+    applied), else ``((reason, detail), None)``. Headers only: ``verify`` checks a PNG's chunk checksums but
+    does not decode pixels."""
     try:
         if path.stat().st_size == 0:
-            return "empty file", ""
+            return ("empty file", ""), None
         with Image.open(path) as image:
             size = image.size
             image.verify()
+        if path.suffix.lower() in _EXIF_SUFFIXES:  # verify must come first; a second open reads the orientation
+            with Image.open(path) as image:
+                if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
+                    size = size[::-1]
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return "unreadable image", f"{type(error).__name__}: {error}"
+        return ("unreadable image", f"{type(error).__name__}: {error}"), None
     if min(size) < min_image_size:
-        return "too small", f"{size[0]}x{size[1]} < --min_image_size {min_image_size}"
-    return None
+        return ("too small", f"{size[0]}x{size[1]} < --min_image_size {min_image_size}"), None
+    return None, size
 
 
-def _check_all(paths: list[Path], min_image_size: int) -> list[tuple[str, str] | None]:
+def _check_all(paths: list[Path], min_image_size: int) -> list[tuple[tuple[str, str] | None, tuple[int, int] | None]]:
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
         return list(pool.map(lambda p: check_image(p, min_image_size), paths))
+
+
+def mask_file(path: Path) -> Path | None:
+    """The mask beside an image (``photo_mask.png`` for ``photo.jpg``; any image extension), or None."""
+    return next((m for m in (path.with_name(f"{path.stem}{MASK_SUFFIX}{e}") for e in MASK_EXTENSIONS) if m.is_file()), None)
+
+
+def is_mask_file(path: Path) -> bool:
+    """``photo_mask.png`` beside an image ``photo.*``: a mask, not a training image."""
+    if not path.stem.endswith(MASK_SUFFIX) or not is_image_file(path):
+        return False
+    stem = path.stem[: -len(MASK_SUFFIX)]
+    return any(path.with_name(stem + e).is_file() for e in IMAGE_EXTENSIONS if path.with_name(stem + e) != path)
 
 
 def _read_metadata(path: Path) -> list[dict]:
@@ -141,7 +165,7 @@ def index_imagefolder(root: Path, image_column: str = IMAGE_COLUMN, caption_colu
             entries.setdefault((metadata.parent / row["file_name"]).resolve(), []).append(row)
     _check_columns(root, "imagefolder", columns, image_column, caption_column)
 
-    images = [f.resolve() for f in files if is_image_file(f)]
+    images = [f.resolve() for f in files if is_image_file(f) and not is_mask_file(f)]
     listed = [p for p in images if p in entries]
     for path in images:
         if path not in entries:
@@ -175,16 +199,16 @@ def index_captioned_images(root: Path, image_column: str = IMAGE_COLUMN, caption
         return f"no {extension} file" + (f"; found {path.with_suffix(others[0]).name}: "
                                           f"pass --caption_extension {others[0]}" if others else "")
 
-    pairs = [(path, path) for path in walk(root) if is_image_file(path)]
+    pairs = [(path, path) for path in walk(root) if is_image_file(path) and not is_mask_file(path)]
     return _finish(root, "captioned images", pairs, read_caption, caption_column, min_image_size, SkipLog(str(root)),
                    why_none)
 
 
 def _finish(root, kind, pairs, get_caption, caption_column, min_image_size, skipped,
             why_none=lambda source: "") -> FolderIndex:
-    paths, captions, stats = [], [], []
-    problems = _check_all([path for path, _ in pairs], min_image_size)
-    for (path, source), problem in zip(pairs, problems, strict=True):
+    paths, captions, stats, sizes, masks = [], [], [], [], []
+    checked = _check_all([path for path, _ in pairs], min_image_size)
+    for (path, source), (problem, size) in zip(pairs, checked, strict=True):
         if problem is not None:
             skipped.add(str(path), *problem)
             continue
@@ -202,8 +226,12 @@ def _finish(root, kind, pairs, get_caption, caption_column, min_image_size, skip
         else:
             texts = [""]
         stat = path.stat()
+        mask = mask_file(path)
         paths.append(str(path))
         captions.append(texts)
-        stats.append((os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns))
+        sizes.append(size)
+        masks.append(None if mask is None else str(mask))
+        mask_stat = None if mask is None else (mask.name, mask.stat().st_size, mask.stat().st_mtime_ns)
+        stats.append((os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns) + ((mask_stat,) if mask else ()))
     fingerprint = digest(kind, str(Path(root).resolve()), stats, captions, min_image_size)
-    return FolderIndex(Path(root), kind, paths, captions, skipped, fingerprint)
+    return FolderIndex(Path(root), kind, paths, captions, skipped, fingerprint, sizes, masks)

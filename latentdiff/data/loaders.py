@@ -5,6 +5,8 @@ Sources, chosen by ``--dataset_name`` / ``--train_data_dir``:
 - a built-in name: ``shapes``, ``emoji``;
 - a local folder: a ``save_to_disk`` folder, parquet/arrow files, diffusers' imagefolder
   (images + metadata.jsonl), or images with same-named .txt captions; a parquet/arrow file;
+- WebDataset tar shards with the index ``latentdiff prepare`` writes: their folder, or a brace pattern
+  (``shards/shard-{00000..00009}.tar``), streamed (:mod:`latentdiff.data.shards`);
 - any other name goes to ``datasets.load_dataset`` (needs the Hub unless cached; fails fast
   offline).
 
@@ -30,9 +32,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from latentdiff.data.args import BUILTIN_DATASETS, caption_options, resolution_of
+from latentdiff.data.buckets import BucketSpec, assign, bucket_batch_sampler, global_batch, log_table
 from latentdiff.data.dataset import CaptionedImageDataset, ColumnView, ImageCaptionDataset, SkipLog
 from latentdiff.data.files import digest
 from latentdiff.data.folders import as_captions, has_metadata, index_captioned_images, index_imagefolder, walk
+from latentdiff.data.shards import ShardLoader, ShardStream, is_shard_folder, is_shard_pattern, shard_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,10 @@ def build_dataset(
         if folder:
             raise ValueError(f"--dataset_name {name} is built in; drop --train_data_dir {folder}")
         dataset = _builtin(name, split, resolution, args)
+    elif name and is_shard_pattern(name):  # tar shards: a brace pattern or one .tar (latentdiff.data.shards)
+        if folder:
+            raise ValueError(f"give either --dataset_name {name} or --train_data_dir {folder}, not both")
+        dataset = shard_dataset(name, split, resolution, args)
     elif name and not _is_local(name):
         dataset = _from_datasets(_load_hub(name, _arg(args, "dataset_config_name"), folder), split,
                                  resolution, args, source=name)
@@ -95,6 +103,17 @@ def build_dataset(
         if max_samples < len(dataset):
             keep = np.sort(np.random.default_rng(0).permutation(len(dataset))[:max_samples])
             dataset = dataset.subset(keep)
+    if _arg(args, "masked_loss", False):
+        if not isinstance(dataset, ImageCaptionDataset):
+            raise ValueError(f"--masked_loss needs images with masks (photo.png + photo_mask.png, or an alpha channel); "
+                             f"{dataset.name} has none")
+        dataset.masked = True
+        if dataset.masks is not None:
+            with_file = sum(dataset.masks[int(row)] is not None for row in dataset._rows)
+            logger.info("--masked_loss: %d of %d images have a mask file (photo_mask.png); the others are weighted by "
+                        "their alpha channel, or trained whole without one", with_file, len(dataset))
+    if _arg(args, "enable_bucket", False):
+        dataset = bucketed(dataset, args, split)
     dataset.skipped.report()
     if len(dataset) == 0:
         raise ValueError(_nothing_left(dataset))
@@ -102,8 +121,42 @@ def build_dataset(
     if split == "train" and options.changes_captions:  # validation keeps its captions as written, a fixed yardstick
         dataset.caption_options = options
         options.report_short_captions((c for i in range(len(dataset)) for c in dataset.captions(i)), dataset.name)
-    logger.info("%s: %d items at %d px", dataset.name, len(dataset), dataset.resolution)
+    logger.info("%s: %d items at %d px%s", dataset.name, len(dataset), dataset.resolution,
+                " (area; aspect-ratio buckets)" if dataset.bucket_targets() is not None else "")
     return dataset
+
+
+def bucket_spec(args: argparse.Namespace, resolution: int) -> BucketSpec:
+    return BucketSpec(resolution, _arg(args, "min_bucket_reso", 256), _arg(args, "max_bucket_reso", 1024),
+                      _arg(args, "bucket_reso_steps", 64))
+
+
+def bucketed(dataset: CaptionedImageDataset, args: argparse.Namespace, split: str) -> CaptionedImageDataset:
+    """``dataset`` with each item cut to its aspect-ratio bucket (:mod:`latentdiff.data.buckets`); images smaller
+    than the smallest bucket left out and counted. In the training split every bucket holds at least one global
+    batch (batch x accumulation x processes), merging the smaller ones; the table of counts is logged."""
+    spec = bucket_spec(args, dataset.resolution)
+    min_count = global_batch(args)[1] if split == "train" else 1
+    targets, notes = assign(dataset.image_sizes(), spec, min_count)
+    small = [i for i, t in enumerate(targets) if t is None]
+    if small:
+        sizes = dataset.image_sizes()
+        for i in small:
+            dataset.skipped.add(_item_name(dataset, i), "smaller than the smallest bucket",
+                                f"{sizes[i][0]}x{sizes[i][1]}: a side below --min_bucket_reso {spec.low}")
+        keep = [i for i, t in enumerate(targets) if t is not None]
+        name, dataset = dataset.name, dataset.subset(keep)
+        dataset.name, targets = name, [targets[i] for i in keep]
+    if len(dataset):
+        dataset.set_buckets(targets)
+        log_table(dataset.name, targets, notes)
+    return dataset
+
+
+def _item_name(dataset: CaptionedImageDataset, position: int) -> str:
+    if isinstance(dataset, ImageCaptionDataset):
+        return dataset._describe(int(dataset._rows[position]))
+    return f"{dataset.name}[{position}]"
 
 
 def _arg(args: argparse.Namespace, name: str, default=None):
@@ -157,6 +210,8 @@ def _builtin(name: str, split: str, resolution: int, args) -> CaptionedImageData
 def _local(path: Path, split: str, resolution: int, args) -> CaptionedImageDataset:
     import datasets
 
+    if is_shard_folder(path):  # tar shards with their index.json (latentdiff prepare)
+        return shard_dataset(path, split, resolution, args)
     if path.is_file():
         if path.suffix not in TABLE_SUFFIXES:
             raise ValueError(f"{path}: a data file must be one of {', '.join(TABLE_SUFFIXES)}; for images give their folder")
@@ -182,7 +237,7 @@ def _local(path: Path, split: str, resolution: int, args) -> CaptionedImageDatas
         index.paths, index.captions, name=str(root), resolution=resolution,
         fingerprint=index.fingerprint, min_image_size=_arg(args, "min_image_size", 0),
         random_crop=_arg(args, "random_crop", False), random_flip=_arg(args, "random_flip", False),
-        skipped=index.skipped,
+        skipped=index.skipped, sizes=index.sizes, masks=index.masks,
     )
     return dataset if own_split else holdout(dataset, split)
 
@@ -307,12 +362,14 @@ def collate(batch: list[dict]) -> dict:
 
 
 def build_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-                     drop_last: bool = False) -> DataLoader:
+                     drop_last: bool = False, group: int = 1) -> DataLoader:
     """A DataLoader that batches with :func:`collate` and shuffles in an order fixed by ``seed``.
 
     Per-item randomness (caption choice, random crops and flips) is the dataset's, a function of
     (seed, epoch, index) (:class:`~latentdiff.data.dataset.EpochSeeded`): what an epoch yields is
-    the same for any ``num_workers``.
+    the same for any ``num_workers``. A dataset with aspect-ratio buckets is batched one bucket per
+    batch, in runs of ``group`` batches of one bucket (accumulation steps x processes: one optimizer step),
+    by :class:`~latentdiff.data.buckets.BucketBatchSampler`.
     """
     generator = torch.Generator().manual_seed(seed)
     # No persistent workers: a worker holds a copy of the dataset made when it starts, so persistent
@@ -320,6 +377,13 @@ def build_dataloader(dataset, batch_size: int, shuffle: bool = True, seed: int =
     # captions and flips. Workers started per epoch cost 50-110 ms an epoch under fork (Linux;
     # measured with 2 workers on a 2-core machine), a fraction of a percent of a shapes or emoji
     # epoch; under spawn (macOS, Windows) each worker imports torch again every epoch, seconds.
+    if isinstance(dataset, ShardStream):
+        if dataset.bucket_targets() is None:  # streamed: each process and worker reads only its own samples
+            return ShardLoader(dataset, batch_size, shuffle, seed, num_workers, drop_last, collate_fn=collate)
+        dataset = dataset.as_samples()  # buckets: samples read at their offsets, batched as any bucketed dataset
+    sampler = bucket_batch_sampler(dataset, batch_size, group, shuffle, seed)
+    if sampler is not None:
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collate,
         generator=generator, drop_last=drop_last,

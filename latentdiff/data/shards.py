@@ -359,6 +359,14 @@ class ShardStream(ShardSamples, IterableDataset):
 
     shuffle_buffer = DEFAULT_SHUFFLE_BUFFER
 
+    def as_samples(self) -> ShardSamples:
+        """The same items (rows, buckets, caption options, epoch) by random access: what aspect-ratio buckets
+        batch, since a step's batches of one bucket on every process are drawn from the whole epoch, not from
+        what a stream has at hand."""
+        samples = object.__new__(ShardSamples)
+        samples.__dict__.update(self.__dict__)
+        return samples
+
     def plan(self, epoch: int, shuffle: bool, seed: int) -> np.ndarray:
         """The epoch's order of item positions before the shuffle buffer: shard by shard, shards in an order
         drawn from (seed, epoch), each shard's samples in file order."""

@@ -1,8 +1,9 @@
 """Image preprocessing with PIL and torch (torchvision does not import beside this torch).
 
-Every image becomes RGB on white, upright (EXIF orientation applied), its short side resized
-to the resolution, a square cropped from the center (or at random), optionally mirrored, and
-scaled to [-1, 1] as a (3, R, R) float tensor.
+Every image becomes RGB on white, upright (EXIF orientation applied), resized to cover the target
+(a square of the resolution, or an aspect-ratio bucket's width x height), cut to it from the center
+(or at random), optionally mirrored, and scaled to [-1, 1] as a (3, H, W) float tensor; a mask for
+``--masked_loss`` (the alpha channel or a mask file) is cut the same way.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def open_image(source, root: str | os.PathLike | None = None, draft_size: int | None = None) -> Image.Image:
+def open_image(source, root: str | os.PathLike | None = None, draft_size: int | None = None,
+               load: bool = True) -> Image.Image:
     """Open a path, bytes, ``{"bytes", "path"}`` dict (a ``datasets.Image`` cell), array or PIL image.
 
-    Decodes fully, so that a truncated or corrupt file raises here (``OSError``, ``ValueError``
+    Decodes fully (unless ``load=False``: the header only), so that a truncated or corrupt file raises here (``OSError``, ``ValueError``
     or ``SyntaxError`` from PIL) rather than later. ``draft_size`` lets JPEG decode at a reduced
     scale that is still at least that many pixels on each side: much faster for large photos.
     """
@@ -45,7 +47,8 @@ def open_image(source, root: str | os.PathLike | None = None, draft_size: int | 
         raise TypeError(f"cannot read an image from a {type(source).__name__}")
     if draft_size is not None and image.format == "JPEG":
         image.draft(image.mode, (draft_size, draft_size))
-    image.load()
+    if load:
+        image.load()
     return image
 
 
@@ -83,23 +86,38 @@ def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(array), 0, 255).astype(np.uint8)
 
 
-def resize_and_crop(
-    image: Image.Image, resolution: int, random_crop: bool = False, generator: torch.Generator | None = None
-) -> Image.Image:
-    """Resize the short side to ``resolution`` and cut a ``resolution`` square (center or random)."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+def crop_box(
+    image_size: tuple[int, int], size: int | tuple[int, int], random_crop: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where ``resize_and_crop`` cuts: the size to resize an ``image_size`` image to, so that it covers ``size``
+    (a square's side, or (width, height): an aspect-ratio bucket), and the box to cut out of it (center or random)."""
+    target_w, target_h = (size, size) if isinstance(size, int) else size
+    width, height = image_size
+    scale = max(target_w / width, target_h / height)
+    resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+    spare_x, spare_y = resized[0] - target_w, resized[1] - target_h
     if random_crop:
         left = int(torch.randint(spare_x + 1, (), generator=generator))
         top = int(torch.randint(spare_y + 1, (), generator=generator))
     else:
         left, top = spare_x // 2, spare_y // 2
-    if spare_x or spare_y:
-        image = image.crop((left, top, left + resolution, top + resolution))
+    return resized, (left, top, left + target_w, top + target_h)
+
+
+def resize_and_crop(
+    image: Image.Image, size: int | tuple[int, int], random_crop: bool = False, generator: torch.Generator | None = None
+) -> Image.Image:
+    """Resize to cover ``size`` (a square's side, or (width, height)) and cut it out: the image keeps its aspect,
+    and only what sticks out of ``size`` is lost."""
+    return _apply(image, *crop_box(image.size, size, random_crop, generator))
+
+
+def _apply(image: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if box != (0, 0, *resized):
+        image = image.crop(box)
     return image
 
 
@@ -117,13 +135,47 @@ def to_pil(pixel_values: torch.Tensor) -> Image.Image:
 
 def preprocess(
     image: Image.Image,
-    resolution: int,
+    size: int | tuple[int, int],
     random_crop: bool = False,
     flip: bool = False,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """A decoded image of any mode and size to the model's input: (3, R, R) in [-1, 1]."""
-    image = resize_and_crop(to_rgb(exif_upright(image)), resolution, random_crop, generator)
+    mask: Image.Image | str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A decoded image of any mode and shape to the model's input: (3, H, W) in [-1, 1], H = W = ``size`` or
+    (W, H) = ``size``.
+
+    With ``mask`` (a mask image of the same size, or ``"alpha"``: the image's own transparency, all ones for an
+    image without), also the mask (1, H, W) in [0, 1], cut and mirrored as the image is (``--masked_loss``).
+    """
+    image = exif_upright(image)
+    if mask == "alpha":  # without an alpha channel every pixel counts, as in sd-scripts
+        mask = image.convert("RGBA").getchannel("A") if _has_alpha(image) else Image.new("L", image.size, 255)
+    elif mask is not None:
+        mask = exif_upright(mask)
+        if mask.size != image.size:
+            raise MaskSizeError(f"the mask is {mask.size[0]}x{mask.size[1]}, the image {image.size[0]}x{image.size[1]}")
+        mask = to_rgb(mask).convert("L")
+    resized, box = crop_box(image.size, size, random_crop, generator)
+    image = _apply(to_rgb(image), resized, box)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    if mask is None:
+        return to_tensor(image)
+    mask = _apply(mask, resized, box)
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image), torch.from_numpy(np.asarray(mask, dtype=np.float32).copy())[None] / 255.0  # (1, H, W)
+
+
+class MaskSizeError(ValueError):
+    """A mask file whose size is not its image's."""
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (B, 1, H, W) in [0, 1] brought down to the latent grid (B, 1, h, w) by area averaging: a
+    latent position weighs as much as the share of its pixels the mask keeps (``--masked_loss``)."""
+    return torch.nn.functional.interpolate(mask.float(), size=tuple(latent_size), mode="area")

@@ -176,6 +176,11 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
     )  # fmt: skip
     d.add_argument("--snr_gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is usual.")
     d.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise (Guttenberg 2023); 0.05-0.1 is usual.")
+    d.add_argument(
+        "--masked_loss", action="store_true",
+        help="Weight the loss by a mask: photo_mask.png beside photo.png (white: learn, black: ignore), else the "
+        "image's alpha channel; brought down to the latent grid by area averaging.",
+    )  # fmt: skip
     e = parser.add_argument_group("speed")
     e.add_argument(
         "--cache_latents", action="store_true",
@@ -188,6 +193,8 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
     v.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     v.add_argument("--validation_inference_steps", type=int, default=25)
     v.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    v.add_argument("--validation_height", type=int, help="Height of the validation images (default: --resolution).")
+    v.add_argument("--validation_width", type=int, help="Width of the validation images (default: --resolution).")
     v.add_argument(
         "--validation_loss_images", type=int, default=0,
         help="Held-out images whose diffusion loss, at timesteps and noise fixed once, is logged every "
@@ -262,5 +269,8 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
     for flag in ("num_validation_images", "validation_inference_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("validation_height", "validation_width"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.validation_loss_images < 0:
         raise ValueError(f"--validation_loss_images must be >= 0 (0 turns it off), got {args.validation_loss_images}")

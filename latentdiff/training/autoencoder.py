@@ -19,10 +19,11 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from latentdiff.data import build_dataloader
+from latentdiff.data.buckets import global_batch
 from latentdiff.training.ema import ema_weights, make_ema
 from latentdiff.training.metrics import psnr, ssim
 from latentdiff.training.progress import log_images, save_image_grid
-from latentdiff.training.run import make_lr_scheduler, make_optimizer, resolve_train_steps
+from latentdiff.training.run import make_lr_scheduler, make_optimizer, resolve_train_steps, writes_output
 from latentdiff.training.vae_loss import (
     PatchDiscriminator,
     Reconstruction,
@@ -44,7 +45,8 @@ class AutoencoderTraining:
             )
         # drop_last: every step sees the same number of images (and the discriminator's BatchNorm a full batch)
         dataloader = build_dataloader(
-            train_dataset, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers, drop_last=True
+            train_dataset, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers, drop_last=True,
+            group=global_batch(args)[0],
         )
         val_dataloader = build_dataloader(val_dataset, 64, shuffle=False, num_workers=args.dataloader_num_workers)
         self.dataloader = accelerator.prepare(dataloader)
@@ -109,7 +111,7 @@ class AutoencoderTraining:
             self.ema.copy_to(self.model.parameters())
         metrics = self.metrics if self.metrics_step == step else validate(self.accelerator, self.model, self.val_dataloader, self.args, step)
         vae = self.accelerator.unwrap_model(self.model).vae
-        if self.accelerator.is_main_process:
+        if writes_output(self.accelerator):
             scaling_factor, latent_std = measure_scaling_factor(self.accelerator, vae, self.train_dataset, self.args)
             vae.register_to_config(scaling_factor=scaling_factor)
             vae.save_pretrained(path, safe_serialization=True)
@@ -153,7 +155,8 @@ def validate(accelerator, model, val_dataloader, args, step: int) -> dict[str, f
 @torch.no_grad()
 def measure_scaling_factor(accelerator, vae: AutoencoderKL, dataset, args) -> tuple[float, float]:
     """(1 / std, std) of latents z ~ q(z|x) of training images: unit-variance latents for diffusion (LDM sec. 4.3.2)."""
-    subset = Subset(dataset, range(min(args.scaling_factor_images, len(dataset))))
+    first = range(min(args.scaling_factor_images, len(dataset)))
+    subset = dataset.subset(first) if hasattr(dataset, "subset") else Subset(dataset, first)  # a view keeps its buckets
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     latents = []
     vae.eval()

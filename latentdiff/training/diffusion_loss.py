@@ -87,6 +87,7 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The simple loss E_{t, eps} || target - model_fn(x_t, t, cond) ||^2 (Ho et al. 2020 eq. 14).
 
@@ -95,6 +96,9 @@ def diffusion_loss(
     else the global RNG, so a restored RNG state replays them). With `snr_gamma` each sample's mean squared
     error is weighted by `min_snr_weights`. ``reduction="mean"`` returns the batch mean, ``"none"`` the
     per-sample terms (B,), for a caller that weights or adds them (DreamBooth's prior term).
+    ``loss_mask`` (B, 1, H, W) in [0, 1] weights each latent position's squared error (``--masked_loss``;
+    :func:`latent_mask`); as sd-scripts does, the mean is then over all positions, so a half-masked image
+    weighs half.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r} is not one of 'mean', 'none'")
@@ -116,7 +120,10 @@ def diffusion_loss(
         raise ValueError(
             f"model_fn returned shape {tuple(model_pred.shape)}; the target has {tuple(target.shape)}"
         )
-    mse = F.mse_loss(model_pred.float(), target, reduction="none").mean(dim=tuple(range(1, x0.ndim)))  # (B,)
+    squared = F.mse_loss(model_pred.float(), target, reduction="none")  # (B, C, H, W)
+    if loss_mask is not None:
+        squared = squared * loss_mask.to(squared)
+    mse = squared.mean(dim=tuple(range(1, x0.ndim)))  # (B,)
     if snr_gamma is not None:
         weights = min_snr_weights(
             scheduler.snr(timesteps).to(x0.device), snr_gamma, scheduler.config.prediction_type

@@ -135,6 +135,28 @@ def check_models(vae, text_encoder, unet, resolution: int) -> None:
         )
 
 
+def size_multiple(vae, unet) -> int:
+    """What every image side must be a multiple of: the VAE's downsampling times the UNet's (2 per down block
+    but the last)."""
+    return vae_scale_factor(vae) * 2 ** (len(unet.config.down_block_types) - 1)
+
+
+def check_sizes(args, vae, unet, resolution: int) -> None:
+    """Bucket sides and validation sizes the models can take: multiples of :func:`size_multiple`."""
+    multiple = size_multiple(vae, unet)
+    if getattr(args, "enable_bucket", False) and args.bucket_reso_steps % multiple:
+        raise ValueError(
+            f"--bucket_reso_steps {args.bucket_reso_steps} is not a multiple of {multiple}, which this VAE and UNet "
+            f"need every side to be (the VAE downsamples {vae_scale_factor(vae)}x, the UNet "
+            f"{multiple // vae_scale_factor(vae)}x more): use --bucket_reso_steps {multiple} or a multiple of it"
+        )
+    for flag in ("validation_height", "validation_width"):
+        value = getattr(args, flag, None)
+        if value is not None and value % multiple:
+            raise ValueError(f"--{flag} {value} is not a multiple of {multiple}, which this VAE and UNet need: "
+                             f"use e.g. {max(multiple, value // multiple * multiple)}")
+
+
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype frozen weights can be held in under the run's mixed precision (trained ones stay fp32)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

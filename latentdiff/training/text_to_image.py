@@ -23,6 +23,8 @@ from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from latentdiff.data import build_dataloader, cache_latents, sample_latent
+from latentdiff.data.buckets import global_batch
+from latentdiff.data.transforms import latent_mask
 from latentdiff.pipelines import LatentDiffInpaintPipeline, LatentDiffPipeline
 from latentdiff.text import tokenize
 from latentdiff.training.diffusion_loss import diffusion_loss, drop_captions, drop_text_states
@@ -35,8 +37,8 @@ from latentdiff.training.lora import (
     save_lora,
     save_lora_kohya,
 )
-from latentdiff.training.models import Models, weight_dtype
-from latentdiff.training.run import make_lr_scheduler, make_optimizer, resolve_train_steps
+from latentdiff.training.models import Models, check_sizes, weight_dtype
+from latentdiff.training.run import make_lr_scheduler, make_optimizer, resolve_train_steps, writes_output
 from latentdiff.training.validation import (
     PIPELINE_DIR,
     VALIDATION_DIR,
@@ -80,6 +82,7 @@ class TextToImage:
         self.empty_states, self.heldout = None, None
         self.images_per_batch = args.train_batch_size * (2 if prior_loss_weight is not None else 1)
         self.checkpoint_extra = self.export_pipeline_into if args.save_pipeline_at_checkpoints else None
+        check_sizes(args, self.vae, self.unet, self.resolution)
 
     def cached(self, dataset: Dataset) -> Dataset:
         """With --cache_latents, ``dataset`` encoded once by the frozen VAE (and by the text encoder when it is
@@ -101,7 +104,8 @@ class TextToImage:
         # what the optimizer and the EMA hold: every weight, or the adapters only (never a frozen weight); read
         # here, so that a subclass can freeze more after __init__ (textual inversion: new embedding rows only)
         self.params = [torch.nn.ParameterList(p for p in m.parameters() if p.requires_grad) for m in self.trained]
-        dataloader = build_dataloader(dataset, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers)
+        dataloader = build_dataloader(dataset, args.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers,
+                                      group=global_batch(args)[0])
         if self.lora:
             register_lora_checkpointing(accelerator, *self.trained)
         optimizer = make_optimizer(args, [p for params in self.params for p in params])
@@ -132,6 +136,8 @@ class TextToImage:
                 generator, self.train_text_encoder,
             )  # fmt: skip
         terms = dict(snr_gamma=self.args.snr_gamma, noise_offset=self.args.noise_offset, generator=generator)
+        if "mask" in batch:  # --masked_loss: the mask on the latent grid weights the loss
+            terms["loss_mask"] = latent_mask(batch["mask"], latents.shape[-2:])  # (B, 1, h, w)
         denoise = self.denoise
         if self.inpainting:  # a random mask per image; the UNet's input is [x_t; mask; masked image latents]
             extra = masked_image_conditioning(batch["pixel_values"], self.vae, generator, latents.shape[-2:])  # (B, 5, h, w)
@@ -195,17 +201,23 @@ class TextToImage:
             if args.validation_prompts and self.accelerator.is_main_process:
                 log_validation(
                     self.accelerator, self.pipeline(), args.validation_prompts, step, args.output_dir,
-                    num_images=args.num_validation_images, seed=args.seed, resolution=self.resolution,
+                    num_images=args.num_validation_images, seed=args.seed, **self.validation_size(),
                     num_inference_steps=args.validation_inference_steps, guidance_scale=args.validation_guidance_scale,
                     **self.validation_inputs,
                 )  # fmt: skip
         self.accelerator.wait_for_everyone()
 
+    def validation_size(self) -> dict[str, int]:
+        """--validation_height/--validation_width, else an inpainting example's own size (its bucket's, with
+        --enable_bucket), else the resolution's square."""
+        width, height = self.validation_inputs["image"].size if self.validation_inputs else (self.resolution,) * 2
+        return {"height": self.args.validation_height or height, "width": self.args.validation_width or width}
+
     def export(self, path: Path) -> Path:
         """Write what was trained (EMA weights with --use_ema) to ``path``: the LoRA file of the adapters
         (--save_format: diffusers' or kohya's), or a pipeline folder. Every process calls it; the main process
-        writes."""
-        if self.accelerator.is_main_process:
+        writes (each machine's first, when the machines do not share the output dir)."""
+        if writes_output(self.accelerator):
             with self.averaged():
                 if self.lora:
                     save = save_lora_kohya if self.args.save_format == "kohya" else save_lora

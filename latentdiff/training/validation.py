@@ -21,6 +21,7 @@ from latentdiff.presets import sd_scheduler
 from latentdiff.schedulers import DDIMScheduler
 from latentdiff.training.ema import ema_weights
 from latentdiff.training.progress import log_images, save_image_grid
+from latentdiff.training.run import saving_on_any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,12 @@ def log_validation(
     resolution: int | None = None,
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
     **call_kwargs,
 ) -> Path | None:
     """Sample `num_images` images per prompt (one row each) into output_dir/validation/step-XXXXXX.png and
-    TensorBoard; on the main process only (the others return None at once). ``call_kwargs`` go to the
+    TensorBoard, at ``height`` x ``width`` (default: ``resolution`` square); on the main process only (the others return None at once). ``call_kwargs`` go to the
     pipeline as they are (an inpainting model's ``image`` and ``mask_image``).
 
     Each prompt's noise comes from a generator seeded with `seed`, so the grids of successive steps show
@@ -106,8 +109,8 @@ def log_validation(
             # no autocast here: prepared models carry their own, and the VAE must decode in fp32
             images = pipeline(
                 prompt,
-                height=resolution,
-                width=resolution,
+                height=height or resolution,
+                width=width or resolution,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 num_images_per_prompt=num_images,
@@ -134,7 +137,8 @@ def export_pipeline(pipeline: LatentDiffPipeline, path: str | Path) -> Path:
     tmp = path.with_name(f".tmp-{path.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipeline.save_pretrained(tmp, safe_serialization=True)
+    with saving_on_any_rank(pipeline):  # each machine's own copy, without a shared disk
+        pipeline.save_pretrained(tmp, safe_serialization=True)
     if path.exists():
         old = path.with_name(f".old-{path.name}")
         path.rename(old)
