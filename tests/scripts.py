@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, GradientState
@@ -32,6 +33,22 @@ def run_script(script, argv):
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def kill_after_checkpoint(script: Path, argv, output_dir: Path, step: int, env: dict) -> None:
+    """Run ``script argv`` in a subprocess and SIGKILL it once ``output_dir`` holds checkpoint-``step``; asserts
+    it was killed before it finished (no pipeline yet)."""
+    process = subprocess.Popen([sys.executable, str(script), *map(str, argv)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (Path(output_dir) / "checkpoints" / f"checkpoint-{step}").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint-{step} after 120 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert not (Path(output_dir) / "pipeline").exists(), "the run finished before it was killed"
 
 
 def free_port() -> int:

@@ -6,18 +6,16 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts import free_port, launch_two_processes, load_script, run_script
+from scripts import free_port, kill_after_checkpoint, launch_two_processes, load_script, run_script
 
 from latentdiff import vae_from_preset
 from latentdiff.cli import main as cli
@@ -364,17 +362,7 @@ def test_train_ldm_on_shards_resumes_exactly_after_a_kill(shards, tiny_vae, tmp_
     run_script(train_ldm, train_flags(shards, tiny_vae, tmp_path / "one_go", *common))
     killed = tmp_path / "killed"
     argv = [str(a) for a in train_flags(shards, tiny_vae, killed, *common)]
-    process = subprocess.Popen([sys.executable, str(TRAIN_LDM), *argv], env=SUBPROCESS_ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoints" / "checkpoint-2").is_dir():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint-2 after 120 s"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
-    assert not (killed / "pipeline").exists(), "the run finished before it was killed"
+    kill_after_checkpoint(TRAIN_LDM, argv, killed, 2, SUBPROCESS_ENV)
     run_script(train_ldm, [*argv, "--resume_from_checkpoint", "latest"])
     a, b = (checkpoint_weights(p / "checkpoints" / "checkpoint-6") for p in (tmp_path / "one_go", killed))
     assert a.keys() == b.keys() and a

@@ -3,10 +3,6 @@
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
-from scripts import launch_two_processes, load_script, run_script
+from scripts import kill_after_checkpoint, launch_two_processes, load_script, run_script
 
 from latentdiff import LatentDiffPipeline, vae_from_preset
 from latentdiff.schedulers import DDPMScheduler
@@ -189,21 +185,7 @@ def test_exact_resume_after_kill(train_ldm, shared, tmp_path):
 
     killed = tmp_path / "killed"
     argv = [str(a) for a in flags(shared, killed, *common, samples=10)]
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *argv],
-        env=SUBPROCESS_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoints" / "checkpoint-2").is_dir():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint-2 after 120 s"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
-    assert not (killed / "pipeline").exists(), "the run finished before it was killed"
+    kill_after_checkpoint(SCRIPT, argv, killed, 2, SUBPROCESS_ENV)
 
     run(train_ldm, [*argv, "--resume_from_checkpoint", "latest"])
     assert_same_weights(

@@ -11,6 +11,8 @@ import argparse
 import ipaddress
 import sys
 
+from latentdiff.cli import positive_float
+
 PROG = "latentdiff serve"
 INSTALL_HINT = 'the web UI needs gradio, the ui extra: pip install -e ".[ui]"'
 
@@ -37,13 +39,6 @@ def port_number(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
