@@ -328,7 +328,7 @@ def _encode(dataset, positions: range, views: int, vae, text_encoder, tokenizer,
     bucketed = getattr(dataset, "bucket_targets", lambda: None)() is not None
     groups: dict[tuple[int, int], list[int]] = {}
     for position in positions:
-        groups.setdefault(dataset.target(position) if bucketed else (dataset.resolution,) * 2, []).append(position)
+        groups.setdefault(dataset.target(position), []).append(position)  # the square without buckets
     sizes = sorted(groups)
     found: dict[int, tuple[int, int]] = {}  # position -> (bucket, row) of what was encoded
     tensors: dict[str, torch.Tensor] = {}

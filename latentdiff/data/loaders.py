@@ -137,10 +137,10 @@ def bucketed(dataset: CaptionedImageDataset, args: argparse.Namespace, split: st
     batch (batch x accumulation x processes), merging the smaller ones; the table of counts is logged."""
     spec = bucket_spec(args, dataset.resolution)
     min_count = global_batch(args)[1] if split == "train" else 1
-    targets, notes = assign(dataset.image_sizes(), spec, min_count)
+    sizes = dataset.image_sizes()  # from headers or an index: read once
+    targets, notes = assign(sizes, spec, min_count)
     small = [i for i, t in enumerate(targets) if t is None]
     if small:
-        sizes = dataset.image_sizes()
         for i in small:
             dataset.skipped.add(_item_name(dataset, i), "smaller than the smallest bucket",
                                 f"{sizes[i][0]}x{sizes[i][1]}: a side below --min_bucket_reso {spec.low}")
