@@ -25,7 +25,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from latentdiff.pipelines.img2img import LatentDiffImg2ImgPipeline
 from latentdiff.pipelines.latent_diff_pipeline import LatentDiffPipelineOutput
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import BertModel, BertTokenizerFast, CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class LatentDiffInpaintPipeline(LatentDiffImg2ImgPipeline):
     def __init__(
         self,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel | BertModel,
+        tokenizer: CLIPTokenizer | BertTokenizerFast,
         unet: UNet2DConditionModel,
         scheduler,
     ):

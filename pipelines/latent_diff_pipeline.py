@@ -29,12 +29,12 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLo
 from diffusers.utils import BaseOutput
 from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import BertModel, BertTokenizerFast, CLIPTextModel, CLIPTokenizer
 
 from latentdiff.pickles import pickle_only
 from latentdiff.presets import default_image_size, vae_scale_factor
 from latentdiff.schedulers import DDIMScheduler, DDPMScheduler
-from latentdiff.text import tokenize
+from latentdiff.text import text_encoder_outputs
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # diffusers' scheduler class name -> ours; each is number-equal to the diffusers class it is named after
@@ -47,7 +47,9 @@ class LatentDiffPipelineOutput(BaseOutput):
 
 
 class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
-    """Generate images from text with a UNet denoising VAE latents under CLIP text conditioning.
+    """Generate images from text with a UNet denoising VAE latents under text conditioning: a CLIP text model,
+    or a BERT such as MiniLM (latentdiff.text_encoders), whose states go in as diffusers' StableDiffusionPipeline
+    computes them (latentdiff.text.uses_attention_mask).
 
     >>> pipe = LatentDiffPipeline.from_pretrained("out/pipeline")
     >>> image = pipe("a small red circle in the top left").images[0]
@@ -61,8 +63,8 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
     def __init__(
         self,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel | BertModel,
+        tokenizer: CLIPTokenizer | BertTokenizerFast,
         unet: UNet2DConditionModel,
         scheduler,
     ):
@@ -279,14 +281,16 @@ class LatentDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Text
         Unlike diffusers' StableDiffusionPipeline, which encodes negative prompts without ``clip_skip``,
         the negative prompts here come from the same layer as the prompts: guidance subtracts the two."""
         texts = self.maybe_convert_prompt(texts, self.tokenizer)
-        input_ids = tokenize(self.tokenizer, texts, warn_truncated=True).to(self.text_encoder.device)  # (B, L)
+        outputs = text_encoder_outputs(self.tokenizer, self.text_encoder, texts, warn_truncated=True,
+                                       output_hidden_states=clip_skip is not None)  # fmt: skip
         if clip_skip is None:
-            return self.text_encoder(input_ids)[0]  # (B, L, D)
-        hidden_states = self.text_encoder(input_ids, output_hidden_states=True).hidden_states
-        # the last layer's output passes through the final layer norm; an earlier one must too. transformers 5's
-        # CLIPTextModel holds it itself, CLIPTextModelWithProjection (and transformers 4's) in .text_model
-        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)
-        return text_model.final_layer_norm(hidden_states[-(clip_skip + 1)])  # (B, L, D)
+            return outputs[0]  # (B, L, D)
+        hidden_states = outputs.hidden_states[-(clip_skip + 1)]  # (B, L, D)
+        # CLIP's last layer's output passes through the final layer norm; an earlier one must too. transformers 5's
+        # CLIPTextModel holds it itself, CLIPTextModelWithProjection (and transformers 4's) in .text_model. A BERT
+        # has none: each of its layers ends in its own layer norm
+        final_layer_norm = getattr(getattr(self.text_encoder, "text_model", self.text_encoder), "final_layer_norm", None)
+        return hidden_states if final_layer_norm is None else final_layer_norm(hidden_states)  # (B, L, D)
 
     def _set_timesteps(self, num_inference_steps: int, timesteps: list[int] | None, device) -> torch.Tensor:
         if timesteps is None:

@@ -26,7 +26,7 @@ from latentdiff.data import build_dataloader, cache_latents, sample_latent
 from latentdiff.data.buckets import global_batch
 from latentdiff.data.transforms import latent_mask
 from latentdiff.pipelines import LatentDiffInpaintPipeline, LatentDiffPipeline
-from latentdiff.text import tokenize
+from latentdiff.text import encode_prompts
 from latentdiff.training.diffusion_loss import diffusion_loss, drop_captions, drop_text_states
 from latentdiff.training.dreambooth import join_prior_batch, prior_preservation_loss
 from latentdiff.training.ema import make_ema
@@ -252,6 +252,5 @@ def text_states_from_batch(
     if "encoder_hidden_states" in batch:  # cached by the frozen text encoder
         return drop_text_states(batch["encoder_hidden_states"].float(), empty_states, proportion_empty, generator)
     captions = drop_captions(list(batch["text"]), proportion_empty, generator)
-    input_ids = tokenize(tokenizer, captions).to(generator.device)  # (B, L)
     with torch.set_grad_enabled(train_text_encoder):
-        return text_encoder(input_ids)[0]  # (B, L, D)
+        return encode_prompts(tokenizer, text_encoder, captions, device=generator.device)  # (B, L, D)
