@@ -303,7 +303,7 @@ BAD_INPUT = [
     (["--text_encoder_preset", "huge"], r"--text_encoder_preset 'huge' is unknown; choose one of 'tiny'"),
     (["--text_encoder_preset", "small"],
      r"the text encoder's hidden size is 128 but the UNet's cross_attention_dim is 32"),
-    (["VAE8"], r"the VAE has 8 latent channels but the UNet takes 4 and predicts 4"),
+    (["VAE8"], r"the VAE has 8 latent channels but the UNet takes 4 and predicts 4"),  # a pipeline's UNet
     (["--validation_prompts"], r"--validation_prompts was given without any prompt"),
     (["--resolution", "33"], r"--resolution 33 is not a multiple of the VAE's downsampling factor 2"),
     (["--mixed_precision", "fp16"], r"--mixed_precision fp16 needs a CUDA GPU"),
@@ -315,22 +315,34 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("extra, message", BAD_INPUT, ids=[m[:40] for _, m in BAD_INPUT])
-def test_bad_input_fails_before_training(train_ldm, shared, vae8, tmp_path, extra, message):
+def test_bad_input_fails_before_training(train_ldm, shared, vae8, tiny_pipeline_dir, tmp_path, extra, message):
     if torch.cuda.is_available() and "fp16" in extra:
         pytest.skip("fp16 is allowed with a GPU")
     argv = flags(shared, tmp_path / "run", "--max_train_steps", 1)
-    if extra == ["VAE8"]:
-        argv[argv.index("--pretrained_vae_name_or_path") + 1], extra = vae8, []
+    if extra == ["VAE8"]:  # a pretrained UNet of 4 channels given a VAE of 8
+        argv[argv.index("--pretrained_vae_name_or_path") + 1] = vae8
+        i = argv.index("--unet_preset")
+        del argv[i : i + 2]
+        extra = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir)]
     if extra == ["NO_VAE"]:
         i = argv.index("--pretrained_vae_name_or_path")
         del argv[i : i + 2]
         extra = []
-    if "--pretrained_model_name_or_path" in extra:
+    if "--pretrained_model_name_or_path" in extra and "--unet_preset" in argv:
         i = argv.index("--unet_preset")
         del argv[i : i + 2]
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run(train_ldm, [*argv, *extra])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_new_unet_takes_the_vaes_latent_channels(train_ldm, shared, vae8, tmp_path):
+    out = tmp_path / "run"
+    argv = flags(shared, out, "--max_train_steps", 1)
+    argv[argv.index("--pretrained_vae_name_or_path") + 1] = str(vae8)
+    run(train_ldm, argv)
+    config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
+    assert config["in_channels"] == config["out_channels"] == 8
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")

@@ -132,12 +132,26 @@ def test_exported_vae_loads_with_its_measured_scaling_factor(eight_steps, tmp_pa
             "is not a local AutoencoderKL folder",
         ),
         (["--kl_weight", "-1"], ValueError, "kl_weight must be >= 0"),
+        (
+            ["--pretrained_vae_name_or_path", "/nonexistent", "--latent_channels", "8"],
+            ValueError,
+            "--vae_preset and --latent_channels shape a new VAE",
+        ),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):
         run(tmp_path / "out", "--max_train_steps", "1", "--report_to", "none", *flags)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_latent_channels_shape_a_new_vae(tmp_path, capsys):
+    run(tmp_path / "out", "--max_train_steps", "1", "--report_to", "none", "--latent_channels", "8")
+    config = json.loads((tmp_path / "out" / "vae" / "config.json").read_text())
+    assert config["latent_channels"] == 8 and config["block_out_channels"] == [32, 64]  # the rest as the tiny preset has it
+    with pytest.raises(SystemExit):
+        run(tmp_path / "zero", "--max_train_steps", "1", "--latent_channels", "0")
+    assert "--latent_channels must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_unknown_preset_is_refused(tmp_path, capsys):

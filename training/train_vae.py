@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="A local AutoencoderKL folder, or a pipeline folder (its vae/ is used), to fine-tune.",
     )
     g.add_argument(
+        "--latent_channels",
+        type=int,
+        default=None,
+        help="Channels of a new VAE's latent (default: the preset's, 4 as in SD). More channels keep more of each "
+        "latent pixel's colors and edges apart; the text-to-image model takes as many.",
+    )
+    g.add_argument(
         "--init_logvar",
         type=float,
         default=-6.0,
@@ -82,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ema_decay=0.999,
     )
     args = default_dataset(parser.parse_args(argv), "shapes")  # shapes unless --dataset_name or --train_data_dir
+    if args.latent_channels is not None and args.latent_channels < 1:
+        parser.error(f"--latent_channels must be a positive integer, got {args.latent_channels}")
     args.resolution = resolution_of(args)  # the dataset's native size unless given: shapes 32, emoji 64
     return args
 
@@ -90,13 +99,15 @@ def load_vae(args) -> AutoencoderKL:
     """The autoencoder to train: a named preset, initialised from --seed, or a local pretrained folder."""
     if args.pretrained_vae_name_or_path is None:
         torch.manual_seed(args.seed)
-        vae = vae_from_preset(args.vae_preset or "small")
+        overrides = {} if args.latent_channels is None else {"latent_channels": args.latent_channels}
+        vae = vae_from_preset(args.vae_preset or "small", **overrides)
         # the encoder's last 1x1 conv emits [μ; log σ²] along channels: shift the log σ² half
         with torch.no_grad():
             vae.quant_conv.bias[vae.config.latent_channels :] += args.init_logvar
         return vae
-    if args.vae_preset is not None:
-        raise ValueError("give --vae_preset or --pretrained_vae_name_or_path, not both")
+    if args.vae_preset is not None or args.latent_channels is not None:
+        raise ValueError("--vae_preset and --latent_channels shape a new VAE: give them or --pretrained_vae_name_or_path, "
+                         "not both")
     path = Path(args.pretrained_vae_name_or_path)
     if (path / "model_index.json").is_file():
         path = path / "vae"
