@@ -72,7 +72,7 @@ def load_text_encoder(name_or_path: str) -> tuple[CLIPTextModel | BertModel, CLI
     """
     encoder_dir, tokenizer_dir, model_type = resolve_text_encoder(name_or_path)
     if model_type == "clip_text_model":
-        text_encoder = CLIPTextModel.from_pretrained(encoder_dir)
+        text_encoder = CLIPTextModel.from_pretrained(encoder_dir, use_safetensors=True)
         return text_encoder.eval(), tokenizer_for(text_encoder)
     config = AutoConfig.from_pretrained(encoder_dir)
     config.use_attention_mask = True
