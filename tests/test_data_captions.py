@@ -148,8 +148,10 @@ def train_ldm():
 ])
 def test_cached_text_and_changing_captions_are_refused_before_any_work(tmp_path, train_ldm, flags, named):
     (tmp_path / "vae").mkdir()
+    (tmp_path / "text_encoder").mkdir()  # parse_args reads only the encoder's config (its model_type)
+    (tmp_path / "text_encoder" / "config.json").write_text('{"model_type": "clip_text_model"}')
     base = ["--output_dir", str(tmp_path / "out"), "--pretrained_vae_name_or_path", str(tmp_path / "vae"),
-            "--pretrained_text_encoder_name_or_path", str(tmp_path / "vae"), "--dataset_name", "shapes",
+            "--pretrained_text_encoder_name_or_path", str(tmp_path / "text_encoder"), "--dataset_name", "shapes",
             "--max_train_steps", "1"]
     with pytest.raises(ValueError, match=f"--cache_latents cannot go with {named}"):
         train_ldm.parse_args([*base, "--cache_latents", *flags])
