@@ -8,8 +8,8 @@ Levers: ``--variants "name|flags" ...`` adds each variant's train_vae.py flags t
 each; "demo|" is the base alone), e.g. ``--variants "l1w0.1|--l1_weight 0.1" "lat8|--latent_channels 8"``.
 
 Each run is training/train_vae.py as the demo ran it before issue 20's fix (shapes 32 px, 8,000 images, batch 8, lr
-1e-3 constant, --use_ema, train_vae's L1 + L2; the demo now adds --l1_weight 0.1, a variant here) to --steps, with a checkpoint every --every steps (all kept), OMP_NUM_THREADS=--threads, --parallel runs
-side by side. A run whose folder holds a finished VAE is only measured. Each checkpoint's model.safetensors (the raw
+1e-3 constant, --use_ema, train_vae's L1 + L2; the demo now adds --l1_weight 0.1, a variant here) to --steps, with a
+checkpoint every --every steps (all kept), OMP_NUM_THREADS=--threads, --parallel runs side by side. A run whose folder holds a finished VAE is only measured. Each checkpoint's model.safetensors (the raw
 weights) and the exported EMA VAE are read back on all 360 held-out images by the shapes analyzer.
 """
 
@@ -43,16 +43,17 @@ def train(run: Path, seed: int, flags: list[str], args) -> None:
         "--resume_from_checkpoint", "latest", *flags,
     ]  # fmt: skip
     run.parent.mkdir(parents=True, exist_ok=True)
-    with open(run.with_suffix(".log"), "w") as log:
+    log_path = run.parent / f"{run.name}.log"  # not with_suffix: a variant's name may hold a dot (l1w0.1)
+    with open(log_path, "w") as log:
         if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, stdout=log,
                           stderr=subprocess.STDOUT).returncode:  # fmt: skip
-            raise RuntimeError(f"{' '.join(command)} failed; see {run.with_suffix('.log')}")
+            raise RuntimeError(f"{' '.join(command)} failed; see {log_path}")
 
 
 def measure(run: Path, seed: int, variant: str) -> list[dict]:
     vae = AutoencoderKL.from_pretrained(run / "vae").eval()
-    rows = [{"variant": variant, "seed": seed, "step": json.loads((run / "metrics.json").read_text())["step"], "weights": "ema",
-             "psnr": json.loads((run / "metrics.json").read_text())["psnr"],
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = [{"variant": variant, "seed": seed, "step": metrics["step"], "weights": "ema", "psnr": metrics["psnr"],
              **shapes_vae_round_trip(vae, 32, num_images=HELD_OUT)}]  # fmt: skip
     for checkpoint in sorted(run.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
         weights = load_file(checkpoint / "model.safetensors")
