@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from latentdiff.data.shapes import COLORS, caption
-from latentdiff.presets import load_tokenizer, text_encoder_from_preset
+from latentdiff.presets import text_encoder_from_preset, tokenizer_for
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     encoder = text_encoder_from_preset("small").eval()
     with torch.no_grad():
         encoder.embeddings.token_embedding.weight.mul_(args.scale)
-    tokenizer = load_tokenizer(encoder.config.max_position_embeddings)
+    tokenizer = tokenizer_for(encoder)
     names = list(COLORS)
     prompts = [caption(color, "circle", "large", "center") for color in names]
     ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids
