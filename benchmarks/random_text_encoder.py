@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from latentdiff.data.shapes import COLORS, caption
-from latentdiff.presets import text_encoder_from_preset, tokenizer_for
+from latentdiff.presets import scale_token_embeddings, text_encoder_from_preset, tokenizer_for
 
 
 def main() -> None:
@@ -27,8 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     encoder = text_encoder_from_preset("small").eval()
-    with torch.no_grad():
-        encoder.embeddings.token_embedding.weight.mul_(args.scale)
+    scale_token_embeddings(encoder, 0.02 * args.scale)
     tokenizer = tokenizer_for(encoder)
     names = list(COLORS)
     prompts = [caption(color, "circle", "large", "center") for color in names]

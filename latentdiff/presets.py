@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.resources import files
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -167,6 +168,14 @@ def vae_from_preset(name: str, **overrides) -> AutoencoderKL:
 def text_encoder_from_preset(name: str, **overrides) -> CLIPTextModel:
     preset = _preset(TEXT_ENCODER_PRESETS, "text encoder", name)
     return CLIPTextModel(CLIPTextConfig(**{**CLIP_TEXT_DEFAULTS, **preset, **overrides}))
+
+
+def scale_token_embeddings(text_encoder: CLIPTextModel, std: float) -> None:
+    """Bring a freshly initialised CLIP's token embeddings, drawn N(0, 0.02 * initializer_factor), to standard
+    deviation `std`: the same draw, rescaled."""
+    init_std = 0.02 * text_encoder.config.initializer_factor
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight.mul_(std / init_std)
 
 
 def load_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:

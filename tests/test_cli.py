@@ -36,6 +36,8 @@ def test_demo_trains_samples_and_measures(tmp_path, capfd, monkeypatch):
     assert "latentdiff generate" in out_text
     # the text-to-image stage keeps the text encoder frozen (its states cached with the latents)
     assert re.search(r"text_encoder: 0\.00M trainable of [\d.]+M \(frozen\)", out_text)
+    # at token embeddings of std 0.5, so that its states tell the color words apart
+    assert re.search(r"== text-to-image model: .* --token_embedding_std 0\.5 ", out_text)
     # the same command again resumes: both stages are complete (their last steps checkpointed), nothing retrains
     saved = {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint-*/model*.safetensors")}
     assert {p.relative_to(out).parts[0] for p in saved} == {"vae", "ldm"}

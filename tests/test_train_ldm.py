@@ -311,6 +311,9 @@ BAD_INPUT = [
     (["--rescale_betas_zero_snr"], r"--rescale_betas_zero_snr .* add --prediction_type v_prediction"),
     (["--proportion_empty_prompts", "1.5"], r"--proportion_empty_prompts must lie in \[0, 1\], got 1.5"),
     (["--pretrained_model_name_or_path", "nowhere"], r"'nowhere' is not a pipeline folder"),
+    (["--token_embedding_std", "0"], r"--token_embedding_std must be > 0, got 0.0"),
+    (["--token_embedding_std", "0.5", "--pretrained_text_encoder_name_or_path", "nowhere"],
+     r"--token_embedding_std initialises a new text encoder, but --pretrained_text_encoder_name_or_path brings"),
 ]  # fmt: skip
 
 
@@ -343,6 +346,23 @@ def test_a_new_unet_takes_the_vaes_latent_channels(train_ldm, shared, vae8, tmp_
     run(train_ldm, argv)
     config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
     assert config["in_channels"] == config["out_channels"] == 8
+
+
+def test_token_embedding_std_sets_a_new_text_encoders_embeddings_and_the_pipeline_keeps_them(
+    train_ldm, shared, tmp_path
+):
+    stds = {}
+    for name, extra in (("default", []), ("scaled", ["--token_embedding_std", "0.5"])):
+        out = tmp_path / name
+        run(train_ldm, flags(shared, out, "--max_train_steps", 1, "--seed", 3, "--no-train_text_encoder", *extra))
+        pipe = LatentDiffPipeline.from_pretrained(out / "pipeline")
+        stds[name] = pipe.text_encoder.get_input_embeddings().weight
+        image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+        assert image.shape[-1] == 3 and np.isfinite(image).all()
+    assert stds["default"].std().item() == pytest.approx(0.02, rel=0.02)
+    assert stds["scaled"].std().item() == pytest.approx(0.5, rel=0.02)
+    # the same seed's draw, rescaled: the flag changes the scale, not the embedding's directions
+    torch.testing.assert_close(stds["scaled"], stds["default"] * 25, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")

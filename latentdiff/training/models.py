@@ -22,6 +22,7 @@ from latentdiff.data.args import resolution_of
 from latentdiff.pipelines import LatentDiffPipeline
 from latentdiff.presets import (
     default_image_size,
+    scale_token_embeddings,
     sd_scheduler,
     text_encoder_from_preset,
     tokenizer_for,
@@ -73,6 +74,8 @@ def load_models(args) -> Models:
         text_encoder, tokenizer = load_text_encoder(args.pretrained_text_encoder_name_or_path)
     elif text_encoder is None:
         text_encoder = text_encoder_from_preset(args.text_encoder_preset or args.unet_preset or "small")
+        if getattr(args, "token_embedding_std", None) is not None:
+            scale_token_embeddings(text_encoder, args.token_embedding_std)
     if tokenizer is None:
         tokenizer = tokenizer_for(text_encoder)
     if isinstance(text_encoder, BertModel) and getattr(args, "train_text_encoder", None):
