@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from latentdiff.training.diffusion_loss import (
     diffusion_loss,
     drop_captions,
     drop_text_states,
+    immiscible_noise,
     min_snr_weights,
     sample_noise,
     sample_timesteps,
@@ -156,6 +159,33 @@ def test_offset_noise_shifts_each_channel_of_each_sample():
     assert abs(offset.var().item() - 1.25) < 0.03
     with pytest.raises(ValueError, match="noise_offset"):
         diffusion_loss(lambda x, t, c: x, x0[:2], None, scheduler(), noise=plain[:2], noise_offset=0.1)
+
+
+def test_immiscible_noise_is_the_drawn_noise_assigned_at_the_least_total_distance():
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 4, 8, 8) * 0.5 + torch.arange(6.0)[:, None, None, None] * 0.3
+    noise = torch.randn(6, 4, 8, 8)
+    assigned = immiscible_noise(x0, noise)
+    distance = torch.cdist(x0.flatten(1), noise.flatten(1))  # (6, 6)
+    order = [next(j for j in range(6) if torch.equal(assigned[i], noise[j])) for i in range(6)]
+    assert sorted(order) == list(range(6))  # a permutation of the drawn rows, none changed
+    best = min(itertools.permutations(range(6)), key=lambda p: sum(distance[i, p[i]] for i in range(6)))
+    total = sum(distance[i, order[i]] for i in range(6))
+    assert total == pytest.approx(sum(distance[i, best[i]] for i in range(6)).item())
+    assert total < distance.diagonal().sum()  # this draw's identity order is not the optimum
+
+
+def test_diffusion_loss_with_immiscible_noise_noises_with_the_assigned_draw():
+    x0, sched = torch.randn(4, 4, 8, 8), scheduler()
+    seen = []
+    diffusion_loss(lambda x, t, c: seen.append(x) or x, x0, None, sched, immiscible=True,
+                   generator=torch.Generator().manual_seed(1))  # fmt: skip
+    replay = torch.Generator().manual_seed(1)  # the same draws: timesteps, then noise
+    t = sample_timesteps(4, sched.config.num_train_timesteps, generator=replay)
+    noise = immiscible_noise(x0, sample_noise(x0, generator=replay))
+    torch.testing.assert_close(seen[0], sched.add_noise(x0, noise, t))
+    with pytest.raises(ValueError, match="immiscible apply to the noise diffusion_loss draws"):
+        diffusion_loss(lambda x, t, c: x, x0, None, sched, noise=noise, immiscible=True)
 
 
 def test_caption_dropout_rate():

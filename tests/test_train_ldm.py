@@ -82,6 +82,7 @@ def test_end_to_end_writes_a_pipeline_that_loads_and_generates(train_ldm, shared
         "--validation_prompts", "a small red circle in the top left", "a large blue square at the bottom",
         "--num_validation_images", 2, "--validation_inference_steps", 2, "--cache_latents", "--use_ema",
         "--prediction_type", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", 5, "--noise_offset", 0.05,
+        "--immiscible_noise",
         "--gradient_checkpointing", "--report_to", "tensorboard", "--save_pipeline_at_checkpoints",
     )  # fmt: skip
     pipeline_dir = run(train_ldm, argv)

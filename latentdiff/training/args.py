@@ -187,6 +187,11 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
     d.add_argument("--snr_gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is usual.")
     d.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise (Guttenberg 2023); 0.05-0.1 is usual.")
     d.add_argument(
+        "--immiscible_noise", action="store_true",
+        help="Assign each batch's noise to its images by linear assignment, nearest overall (Immiscible "
+        "Diffusion, Li et al. 2024).",
+    )  # fmt: skip
+    d.add_argument(
         "--masked_loss", action="store_true",
         help="Weight the loss by a mask: photo_mask.png beside photo.png (white: learn, black: ignore), else the "
         "image's alpha channel; brought down to the latent grid by area averaging.",

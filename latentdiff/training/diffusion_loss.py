@@ -37,6 +37,19 @@ def sample_noise(
     return noise
 
 
+def immiscible_noise(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """`noise` reordered within the batch so that each sample gets the noise nearest it overall: the permutation
+    that minimises the summed L2 distance between x0_i and its noise, by linear assignment (Li et al. 2024,
+    "Immiscible Diffusion", Alg. 1). Each eps stays a draw of N(0, I); what changes is which image it lands on,
+    so a noisy x_t points back to a nearer image and the model's target is less of an average. O(B^3), on the
+    CPU: negligible next to a UNet step at training batch sizes."""
+    from scipy.optimize import linear_sum_assignment
+
+    distance = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float())  # (B, B)
+    _, columns = linear_sum_assignment(distance.cpu().numpy())
+    return noise[torch.as_tensor(columns, device=noise.device)]
+
+
 def training_target(
     scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
@@ -85,6 +98,7 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    immiscible: bool = False,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     loss_mask: torch.Tensor | None = None,
@@ -94,7 +108,8 @@ def diffusion_loss(
     x0 (B, C, H, W) is the clean sample (scaled VAE latents for LDM); `cond` is passed to `model_fn` as
     is (the text encoder's states). `noise` and `timesteps` are drawn when not given (from `generator`,
     else the global RNG, so a restored RNG state replays them). With `snr_gamma` each sample's mean squared
-    error is weighted by `min_snr_weights`. ``reduction="mean"`` returns the batch mean, ``"none"`` the
+    error is weighted by `min_snr_weights`. With `immiscible` the drawn noise is assigned to the samples by
+    `immiscible_noise`. ``reduction="mean"`` returns the batch mean, ``"none"`` the
     per-sample terms (B,), for a caller that weights or adds them (DreamBooth's prior term).
     ``loss_mask`` (B, 1, H, W) in [0, 1] weights each latent position's squared error (``--masked_loss``;
     :func:`latent_mask`); as sd-scripts does, the mean is then over all positions, so a half-masked image
@@ -107,9 +122,11 @@ def diffusion_loss(
         timesteps = sample_timesteps(x0.shape[0], scheduler.config.num_train_timesteps, x0.device, generator)
     if noise is None:
         noise = sample_noise(x0, noise_offset, generator)
-    elif noise_offset:
+        if immiscible:
+            noise = immiscible_noise(x0, noise)
+    elif noise_offset or immiscible:
         raise ValueError(
-            "noise_offset applies to the noise diffusion_loss draws; add it to the given noise instead"
+            "noise_offset and immiscible apply to the noise diffusion_loss draws; apply them to the given noise instead"
         )
     noise = noise.float()
     x_t = scheduler.add_noise(x0, noise, timesteps)  # Ho et al. eq. 4
