@@ -10,6 +10,7 @@ from latentdiff.training.diffusion_loss import (
     diffusion_loss,
     drop_captions,
     drop_text_states,
+    edm_timesteps,
     immiscible_noise,
     min_snr_weights,
     sample_noise,
@@ -116,6 +117,37 @@ def test_snr_gamma_weights_each_sample(prediction_type):
     )
     mse = (pred - training_target(sched, x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(loss, (weight * mse).mean())
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_edm_weighting_is_edms_loss_on_the_implied_x0(prediction_type):
+    """lambda(sigma) ||D(x_t) - x_0||^2 with lambda = (sigma^2 + 1) / sigma^2 (Karras et al. 2022, sigma_data 1),
+    D the x_0 the prediction implies, whatever the UNet predicts."""
+    sched = scheduler(prediction_type)
+    x0, noise = torch.randn(2, 4, 4, 3, 3).unbind(0)
+    t = torch.tensor([1, 50, 300, 998])
+    pred = torch.randn_like(x0)
+    loss = diffusion_loss(lambda *_: pred, x0, None, sched, noise=noise, timesteps=t, loss_weighting="edm")
+    x_t = sched.add_noise(x0, noise, t)
+    implied_x0, _ = sched.predict_original_and_epsilon(pred, x_t, t)
+    sigma2 = (1 - sched.alphas_cumprod[t]) / sched.alphas_cumprod[t]
+    edm = ((sigma2 + 1) / sigma2 * (implied_x0 - x0).pow(2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss, edm, rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="two weightings"):
+        diffusion_loss(lambda *_: pred, x0, None, sched, timesteps=t, loss_weighting="edm", snr_gamma=5.0)
+
+
+def test_edm_timesteps_draw_edms_noise_levels():
+    sched = scheduler()
+    t = edm_timesteps(20_000, sched, generator=torch.Generator().manual_seed(0))
+    log_sigma = 0.5 * torch.log((1 - sched.alphas_cumprod[t]) / sched.alphas_cumprod[t])
+    # ln sigma ~ N(-1.2, 1.2^2), snapped to the schedule's steps (ln sigma from -3.5 to 2.7 here)
+    assert log_sigma.median().item() == pytest.approx(-1.2, abs=0.05)
+    assert ((log_sigma > -2.4) & (log_sigma < 0.0)).float().mean().item() == pytest.approx(0.683, abs=0.02)
+    # the last step of a zero-terminal-SNR schedule (sigma = inf) is never drawn
+    zero_snr = scheduler("v_prediction", rescale_betas_zero_snr=True)
+    t = edm_timesteps(20_000, zero_snr, generator=torch.Generator().manual_seed(0))
+    assert t.max().item() < 999 and torch.isfinite(zero_snr.snr(t)).all()
 
 
 def test_zero_terminal_snr_loss_is_finite():

@@ -312,6 +312,7 @@ BAD_INPUT = [
     (["--rescale_betas_zero_snr"], r"--rescale_betas_zero_snr .* add --prediction_type v_prediction"),
     (["--proportion_empty_prompts", "1.5"], r"--proportion_empty_prompts must lie in \[0, 1\], got 1.5"),
     (["--pretrained_model_name_or_path", "nowhere"], r"'nowhere' is not a pipeline folder"),
+    (["--snr_gamma", "5", "--loss_weighting", "edm"], r"--snr_gamma and --loss_weighting edm are two loss weightings"),
     (["--token_embedding_std", "0"], r"--token_embedding_std must be > 0, got 0.0"),
     (["--token_embedding_std", "0.5", "--pretrained_text_encoder_name_or_path", "nowhere"],
      r"--token_embedding_std initialises a new text encoder, but --pretrained_text_encoder_name_or_path brings"),
@@ -364,6 +365,15 @@ def test_token_embedding_std_sets_a_new_text_encoders_embeddings_and_the_pipelin
     assert stds["scaled"].std().item() == pytest.approx(0.5, rel=0.02)
     # the same seed's draw, rescaled: the flag changes the scale, not the embedding's directions
     torch.testing.assert_close(stds["scaled"], stds["default"] * 25, rtol=1e-5, atol=1e-6)
+
+
+def test_edm_loss_weighting_and_immiscible_noise_train(train_ldm, shared, tmp_path):
+    out = tmp_path / "run"
+    run(train_ldm, flags(shared, out, "--max_train_steps", 2, "--loss_weighting", "edm", "--immiscible_noise",
+                         "--prediction_type", "v_prediction"))  # fmt: skip
+    assert (out / "pipeline" / "model_index.json").is_file()
+    unet = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in unet.values())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")

@@ -20,6 +20,7 @@ from latentdiff.presets import TEXT_ENCODER_PRESETS, UNET_PRESETS
 from latentdiff.schedulers.schedule import BETA_SCHEDULES, PREDICTION_TYPES
 from latentdiff.text_encoders import resolve_text_encoder
 from latentdiff.training.checkpointing import find_checkpoint, resolve_resume
+from latentdiff.training.diffusion_loss import LOSS_WEIGHTINGS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -185,6 +186,11 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
         help="Captions replaced by '' to learn the unconditional model of classifier-free guidance.",
     )  # fmt: skip
     d.add_argument("--snr_gamma", type=float, help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is usual.")
+    d.add_argument(
+        "--loss_weighting", choices=LOSS_WEIGHTINGS,
+        help="edm: timesteps at EDM's noise levels (ln sigma ~ N(-1.2, 1.2^2)) and its weight (sigma^2 + 1) / sigma^2 "
+        "on the x_0 error (Karras et al. 2022); instead of --snr_gamma.",
+    )  # fmt: skip
     d.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise (Guttenberg 2023); 0.05-0.1 is usual.")
     d.add_argument(
         "--immiscible_noise", action="store_true",
@@ -278,6 +284,8 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
             "written (and, with a frozen text encoder, its encoder states), so its tags would never change. "
             f"Leave out --cache_latents (images are then encoded every step) or {', '.join(changing)}"
         )
+    if args.snr_gamma is not None and args.loss_weighting is not None:
+        raise ValueError(f"--snr_gamma and --loss_weighting {args.loss_weighting} are two loss weightings: give one")
     if args.snr_gamma is not None and not args.snr_gamma > 0:
         raise ValueError(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.noise_offset < 0:

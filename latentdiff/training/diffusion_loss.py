@@ -67,26 +67,65 @@ def training_target(
     )
 
 
-def min_snr_weights(snr: torch.Tensor, snr_gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights, (B,) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR ...").
-
-    The weight min(SNR, gamma) is for an x_0 loss; an eps loss equals SNR times an x_0 loss, and a v loss
-    (SNR + 1) times, so those divide by SNR and SNR + 1. At SNR = 0 (the last step of a zero-terminal-SNR
-    schedule, Lin et al. 2024) the eps weight takes its limit 1 instead of 0 / 0.
-    """
-    snr = snr.float()
-    clipped = torch.clamp(snr, max=snr_gamma)  # min(SNR, gamma)
+def weights_for_prediction(x0_weights: torch.Tensor, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Loss weights for the squared error of `prediction_type`'s output from weights meant for an x_0 loss: an
+    eps error is an x_0 error times sqrt(SNR) (x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)) and a v error
+    one times sqrt(SNR + 1), so the eps and v weights divide by SNR and SNR + 1."""
     if prediction_type == "epsilon":
-        return torch.where(
-            snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr)
-        )
+        return x0_weights / snr.clamp(min=torch.finfo(snr.dtype).tiny)
     if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
+        return x0_weights / (snr + 1)
     if prediction_type == "sample":
-        return clipped
+        return x0_weights
     raise ValueError(
         f"prediction_type={prediction_type!r} is not one of {', '.join(map(repr, PREDICTION_TYPES))}"
     )
+
+
+def min_snr_weights(snr: torch.Tensor, snr_gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights, (B,) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR ...").
+
+    The weight min(SNR, gamma) is for an x_0 loss (`weights_for_prediction` turns it into the eps or v
+    loss's). At SNR = 0 (the last step of a zero-terminal-SNR schedule, Lin et al. 2024) the eps weight takes
+    its limit 1 instead of 0 / 0.
+    """
+    snr = snr.float()
+    weights = weights_for_prediction(torch.clamp(snr, max=snr_gamma), snr, prediction_type)  # min(SNR, gamma)
+    if prediction_type == "epsilon":
+        return torch.where(snr > 0, weights, torch.ones_like(snr))
+    return weights
+
+
+# EDM's training noise levels, ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+# the data's std: latents scaled by the VAE's scaling_factor to unit variance (EDM's pixels: 0.5)
+EDM_SIGMA_DATA = 1.0
+
+
+def edm_timesteps(
+    batch_size: int, scheduler, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Timesteps at EDM's training noise levels (Karras et al. 2022 §5), (B,): per sample a draw of
+    ln sigma ~ N(-1.2, 1.2^2), mapped to the step whose sigma_t = sqrt((1 - abar_t) / abar_t) (the noise level of
+    x_t / sqrt(abar_t) = x_0 + sigma_t eps) is nearest in log. A zero-terminal-SNR schedule's last step
+    (sigma = inf) is never drawn."""
+    abar = scheduler.alphas_cumprod.double()
+    log_sigma = 0.5 * (torch.log1p(-abar) - torch.log(abar))  # (T,), increasing
+    steps = torch.nonzero(torch.isfinite(log_sigma)).squeeze(1)  # (T',)
+    draws = EDM_P_MEAN + EDM_P_STD * torch.randn(batch_size, device=device, generator=generator)  # (B,)
+    nearest = (log_sigma[steps].to(draws.device, torch.float32)[None] - draws[:, None]).abs().argmin(dim=1)
+    return steps.to(draws.device)[nearest]
+
+
+def edm_weights(snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """EDM's loss weights lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the x_0 error
+    (Karras et al. 2022 eq. 8, Table 1), (B,): 1 / sigma_data^2 + SNR, as `weights_for_prediction` gives them
+    for the eps or v loss. With sigma_data = 1 the v loss's weight is 1: v-prediction is EDM's preconditioning."""
+    snr = snr.float()
+    return weights_for_prediction(1 / EDM_SIGMA_DATA**2 + snr, snr, prediction_type)
+
+
+LOSS_WEIGHTINGS = ("edm",)
 
 
 def diffusion_loss(
@@ -99,6 +138,7 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     immiscible: bool = False,
+    loss_weighting: str | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     loss_mask: torch.Tensor | None = None,
@@ -109,7 +149,8 @@ def diffusion_loss(
     is (the text encoder's states). `noise` and `timesteps` are drawn when not given (from `generator`,
     else the global RNG, so a restored RNG state replays them). With `snr_gamma` each sample's mean squared
     error is weighted by `min_snr_weights`. With `immiscible` the drawn noise is assigned to the samples by
-    `immiscible_noise`. ``reduction="mean"`` returns the batch mean, ``"none"`` the
+    `immiscible_noise`. With ``loss_weighting="edm"`` timesteps are drawn at EDM's noise levels
+    (`edm_timesteps`) and each sample's error weighted by `edm_weights`. ``reduction="mean"`` returns the batch mean, ``"none"`` the
     per-sample terms (B,), for a caller that weights or adds them (DreamBooth's prior term).
     ``loss_mask`` (B, 1, H, W) in [0, 1] weights each latent position's squared error (``--masked_loss``;
     :func:`latent_mask`); as sd-scripts does, the mean is then over all positions, so a half-masked image
@@ -118,7 +159,13 @@ def diffusion_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r} is not one of 'mean', 'none'")
     x0 = x0.float()
-    if timesteps is None:
+    if loss_weighting not in (None, *LOSS_WEIGHTINGS):
+        raise ValueError(f"loss_weighting={loss_weighting!r} is not one of None, {', '.join(map(repr, LOSS_WEIGHTINGS))}")
+    if snr_gamma is not None and loss_weighting is not None:
+        raise ValueError(f"snr_gamma and loss_weighting={loss_weighting!r} are two weightings: give one")
+    if timesteps is None and loss_weighting == "edm":
+        timesteps = edm_timesteps(x0.shape[0], scheduler, x0.device, generator)
+    elif timesteps is None:
         timesteps = sample_timesteps(x0.shape[0], scheduler.config.num_train_timesteps, x0.device, generator)
     if noise is None:
         noise = sample_noise(x0, noise_offset, generator)
@@ -146,6 +193,8 @@ def diffusion_loss(
             scheduler.snr(timesteps).to(x0.device), snr_gamma, scheduler.config.prediction_type
         )
         mse = mse * weights
+    if loss_weighting == "edm":
+        mse = mse * edm_weights(scheduler.snr(timesteps).to(x0.device), scheduler.config.prediction_type)
     return mse.mean() if reduction == "mean" else mse
 
 

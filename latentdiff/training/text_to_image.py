@@ -136,7 +136,7 @@ class TextToImage:
                 generator, self.train_text_encoder,
             )  # fmt: skip
         terms = dict(snr_gamma=self.args.snr_gamma, noise_offset=self.args.noise_offset,
-                     immiscible=self.args.immiscible_noise, generator=generator)
+                     immiscible=self.args.immiscible_noise, loss_weighting=self.args.loss_weighting, generator=generator)
         if "mask" in batch:  # --masked_loss: the mask on the latent grid weights the loss
             terms["loss_mask"] = latent_mask(batch["mask"], latents.shape[-2:])  # (B, 1, h, w)
         denoise = self.denoise
