@@ -13,11 +13,11 @@ import argparse
 
 import numpy as np
 import torch
+from latentdiff.pipelines import LatentDiffPipeline
 from PIL import Image
 
 from latentdiff.data.emoji import VALIDATION_EVERY, load_emoji
 from latentdiff.images import image_grid, save_png
-from latentdiff.pipelines import LatentDiffPipeline
 
 NAMES = [
     "cat face", "dog face", "red apple", "banana", "pizza", "birthday cake", "rocket", "automobile",

@@ -159,7 +159,7 @@ def run_demo(args) -> dict:
     print_results(metrics)
     print(f"VAE held-out PSNR {metrics['vae'].get('psnr', float('nan')):.2f} dB; all numbers in {out / 'metrics.json'}")
     print("next:")
-    print(f"  latentdiff generate {ldm_dir / 'pipeline'} \"a large red circle in the center\" -n 4 --out red.png")
+    print(f"  latentdiff generate {ldm_dir / 'pipeline'} \"{GRID_PROMPTS[args.dataset][0]}\" -n 4 --out sample.png")
     print(f"  latentdiff eval {ldm_dir / 'pipeline'} --dataset {args.dataset}")
     print(f"  latentdiff info {ldm_dir / 'pipeline'}")
     return metrics
