@@ -255,7 +255,7 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
             "a latent diffusion model needs a trained autoencoder: give --pretrained_vae_name_or_path "
             "(e.g. out/vae from train_vae.py) or --pretrained_model_name_or_path (a pipeline folder)"
         )
-    std = getattr(args, "token_embedding_std", None)
+    std = args.token_embedding_std
     if std is not None:
         if not std > 0:
             raise ValueError(f"--token_embedding_std must be > 0, got {std}")

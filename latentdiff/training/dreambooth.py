@@ -153,7 +153,7 @@ def prior_preservation_loss(
         E[w_t ||x^(a_t x + s_t eps, c) - x||^2] + lambda E[w_t' ||x^(a_t' x_pr + s_t' eps', c_pr) - x_pr||^2]
 
     each term the simple loss of `diffusion_loss` (its ``loss_kwargs``: noise, timesteps, snr_gamma,
-    noise_offset, immiscible, generator) averaged over its half, lambda = `prior_loss_weight`. x0 (2B, C, h, w) and
+    noise_offset, immiscible, loss_weighting, generator) averaged over its half, lambda = `prior_loss_weight`. x0 (2B, C, h, w) and
     `cond` hold the instance half first and the class half second (`join_prior_batch`); `model_fn` runs once
     on both, so a DDP model sees one forward per backward. With lambda = 1 and the same generator this is
     twice `diffusion_loss` of the whole batch.

@@ -74,7 +74,7 @@ def load_models(args) -> Models:
         text_encoder, tokenizer = load_text_encoder(args.pretrained_text_encoder_name_or_path)
     elif text_encoder is None:
         text_encoder = text_encoder_from_preset(args.text_encoder_preset or args.unet_preset or "small")
-        if getattr(args, "token_embedding_std", None) is not None:
+        if args.token_embedding_std is not None:
             scale_token_embeddings(text_encoder, args.token_embedding_std)
     if tokenizer is None:
         tokenizer = tokenizer_for(text_encoder)
