@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--with_reference", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--cell_size", type=int, default=64,
+                        help="each image is shown this large, enlarged without smoothing (nearest pixel)")
     args = parser.parse_args()
     pipe = LatentDiffPipeline.from_pretrained(args.model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -59,9 +61,11 @@ def main() -> None:
                       generator=[torch.Generator().manual_seed(s) for s in range(args.seeds)]).images
         reference, split = references[name]
         print(f"{name}: {split} caption")
-        cells += [*images, reference.resize(images[0].size)] if args.with_reference else images
+        row = [*images, reference] if args.with_reference else images
+        cells += [image.resize((args.cell_size,) * 2, Image.NEAREST) for image in row]
     grid = image_grid(cells, ncols=args.seeds + int(args.with_reference))
-    save_png(grid, args.out, {"names": ", ".join(NAMES), "columns": f"seeds 0-{args.seeds - 1}"
+    save_png(grid, args.out, {"names": ", ".join(NAMES), "resolution": f"{resolution} px, shown at {args.cell_size}",
+                              "columns": f"seeds 0-{args.seeds - 1}"
                               + (", then the dataset's emoji" if args.with_reference else "")})
     print(f"wrote {args.out}")
 
