@@ -62,7 +62,7 @@ def test_a_preset_whose_image_size_the_vae_cannot_divide_is_refused():
 
 
 def test_unknown_preset_names_the_choices():
-    with pytest.raises(ValueError, match="UNet preset 'huge' is unknown; choose one of 'tiny', 'small', 'base', 'sd15'"):
+    with pytest.raises(ValueError, match="UNet preset 'huge' is unknown; choose one of 'tiny', 'small', 'small64', 'base', 'sd15'"):
         unet_from_preset("huge")
     with pytest.raises(ValueError, match="VAE preset 'x' is unknown"):
         vae_from_preset("x")

@@ -300,7 +300,7 @@ def vae8(shared):
 
 
 BAD_INPUT = [
-    (["--unet_preset", "huge"], r"--unet_preset 'huge' is unknown; choose one of 'tiny', 'small', 'base', 'sd15'"),
+    (["--unet_preset", "huge"], r"--unet_preset 'huge' is unknown; choose one of 'tiny', 'small', 'small64', 'base', 'sd15'"),
     (["--text_encoder_preset", "huge"], r"--text_encoder_preset 'huge' is unknown; choose one of 'tiny'"),
     (["--text_encoder_preset", "small"],
      r"the text encoder's hidden size is 128 but the UNet's cross_attention_dim is 32"),
