@@ -150,11 +150,9 @@ def make_scheduler(name: str, config):
 
 def run_demo(args) -> None:
     try:
-        latentdiff.demo.check_text_encoder(args)
-    except ModuleNotFoundError as error:  # before the VAE trains for nothing
-        raise UsageError(str(error)) from error
-    try:
         latentdiff.demo.run_demo(args)
+    except ModuleNotFoundError as error:  # its text encoder's package, checked before the VAE trains for nothing
+        raise UsageError(str(error)) from error
     except subprocess.CalledProcessError as error:
         raise UsageError(f"a training stage failed (exit status {error.returncode}); see its output above") from error
 

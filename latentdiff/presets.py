@@ -11,7 +11,7 @@ Stable Diffusion 1.5 (UNet 859.5M, VAE 83.7M, CLIP ViT-L/14 text encoder 123.1M 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import files
 
 import torch
@@ -83,6 +83,22 @@ class Preset:
         }
 
 
+# CPU training in minutes on 32-64 px images (f=4: 8-16 px latents)
+_SMALL = Preset(
+    image_size=32,
+    unet=dict(
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    # narrow at full resolution, where a CPU spends its time: README, "Model presets"
+    vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32),
+    text_encoder=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      max_position_embeddings=32),
+)
+
 MODEL_PRESETS: dict[str, Preset] = {
     # seconds on a CPU: for tests (f=2: 16 px images, 8x8 latents)
     "tiny": Preset(
@@ -99,37 +115,12 @@ MODEL_PRESETS: dict[str, Preset] = {
         text_encoder=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           max_position_embeddings=32),
     ),
-    # CPU training in minutes on 32-64 px images (f=4: 8-16 px latents)
-    "small": Preset(
-        image_size=32,
-        unet=dict(
-            block_out_channels=(64, 128, 128),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        # narrow at full resolution, where a CPU spends its time: README, "Model presets"
-        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32),
-        text_encoder=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                          max_position_embeddings=32),
-    ),
+    "small": _SMALL,
     # small shaped for 64 px images (16 px latents): no attention at the 16x16 latents, where it costs most on a CPU
     # and a 64 px emoji has little to relate across that scale; attention at 8x8 and 4x4 as small has at 32 px.
-    # A training step (batch 64, MiniLM's 384-d states) is 1.5x faster than small's at 64 px (README, "Model presets")
-    "small64": Preset(
-        image_size=64,
-        unet=dict(
-            block_out_channels=(64, 128, 128),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32),
-        text_encoder=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                          max_position_embeddings=32),
-    ),
+    # A training step (batch 64, MiniLM's 384-d states) is 1.64x faster than small's at 64 px (README, "Model presets")
+    "small64": replace(_SMALL, image_size=64, unet={
+        **_SMALL.unet, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")}),
     # one GPU, 256 px images (f=8: 32 px latents)
     "base": Preset(
         image_size=256,
