@@ -23,7 +23,7 @@ import latentdiff.demo
 import latentdiff.evaluation
 from latentdiff import DDIMScheduler, DDPMScheduler, LatentDiffPipeline, single_file
 from latentdiff.data.args import BUILTIN_DATASETS
-from latentdiff.demo import DEFAULT_TEXT_ENCODERS, DEMO_LDM_STEPS, DEMO_TRAIN_SAMPLES, DEMO_VAE_STEPS
+from latentdiff.demo import DEFAULT_TEXT_ENCODERS, DEMO_RESOLUTION, DEMO_STEPS, DEMO_TRAIN_SAMPLES
 from latentdiff.features import check_clip_path
 from latentdiff.images import image_grid, save_png, settings_text
 from latentdiff.presets import default_image_size, vae_scale_factor
@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="train a VAE and a text-to-image model on a built-in dataset, then sample")
     demo.add_argument("--output_dir", default="out/demo", help="VAE, pipeline, grid.png and metrics.json go here")
     demo.add_argument("--dataset", choices=("shapes", "emoji"), default="shapes")
-    demo.add_argument("--resolution", type=positive_int, default=None, help="default: 32 (shapes), 64 (emoji)")
+    demo.add_argument("--resolution", type=positive_int, default=None, help=f"default: {DEMO_RESOLUTION}")
     demo.add_argument("--preset", default=None, help="model size preset for both models (default: small)")
     demo.add_argument("--vae_steps", type=positive_int, default=None,
-                      help=f"VAE optimizer steps (default {DEMO_VAE_STEPS}; with --minutes, a cap)")
+                      help="VAE optimizer steps (default: " + ", ".join(f"{v} ({d})" for d, (v, _) in DEMO_STEPS.items())
+                           + "; with --minutes, a cap)")
     demo.add_argument("--max_train_steps", type=positive_int, default=None,
-                      help=f"text-to-image optimizer steps (default {DEMO_LDM_STEPS}; with --minutes, a cap)")
+                      help="text-to-image optimizer steps (default: " + ", ".join(f"{s} ({d})" for d, (_, s) in DEMO_STEPS.items())
+                           + "; with --minutes, a cap)")
     demo.add_argument("--minutes", type=positive_float, default=None,
                       help="train for this long instead of fixed step counts: three tenths on the VAE, the rest on the "
                            "text-to-image model (training time only; sampling and metrics come after)")

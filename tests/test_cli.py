@@ -71,12 +71,32 @@ def test_demo_length_in_steps_or_minutes():
         return [dict(zip(flags[::2], flags[1::2], strict=True))
                 for flags in demo.stage_lengths(build_parser().parse_args(["demo", *argv]))]
 
-    assert lengths() == [{"--max_train_steps": str(demo.DEMO_VAE_STEPS)}, {"--max_train_steps": str(demo.DEMO_LDM_STEPS)}]
+    for dataset, (vae_steps, ldm_steps) in demo.DEMO_STEPS.items():
+        assert lengths("--dataset", dataset) == [{"--max_train_steps": str(vae_steps)}, {"--max_train_steps": str(ldm_steps)}]
+    assert demo.DEMO_STEPS["emoji"] != demo.DEMO_STEPS["shapes"]  # each dataset its own lengths
     vae, ldm = lengths("--minutes", "40")  # three tenths for the VAE; time, not steps, ends each stage
     assert (vae["--max_train_minutes"], ldm["--max_train_minutes"]) == ("12", "28")
     assert int(vae["--max_train_steps"]) > 10**5 and int(ldm["--max_train_steps"]) > 10**5
     vae, ldm = lengths("--minutes", "40", "--max_train_steps", "5000")  # a step count is then a cap
     assert ldm == {"--max_train_steps": "5000", "--max_train_minutes": "28"}
+
+
+def test_demo_trains_both_datasets_at_its_resolution(tmp_path, monkeypatch):
+    stages = []
+
+    class Stop(Exception):
+        pass
+
+    def first_stage_only(name, script, output_dir, args):
+        stages.append(dict(zip(args[::2], args[1::2], strict=False)))  # flag: value (the last, --use_ema, has none)
+        raise Stop
+
+    monkeypatch.setattr(demo, "run_stage", first_stage_only)
+    for argv in (["--dataset", "emoji"], ["--dataset", "shapes"], ["--dataset", "emoji", "--resolution", "64"]):
+        with pytest.raises(Stop):
+            demo.run_demo(build_parser().parse_args(["demo", "--output_dir", str(tmp_path), *argv]))
+    assert [s["--resolution"] for s in stages] == [str(demo.DEMO_RESOLUTION)] * 2 + ["64"]
+    assert stages[0]["--max_train_steps"] == str(demo.DEMO_STEPS["emoji"][0])
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver++", "euler"])

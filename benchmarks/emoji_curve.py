@@ -1,0 +1,68 @@
+"""`latentdiff eval` of every checkpoint of a text-to-image run that kept an EMA (--use_ema), as the demo runs:
+the curve of caption retrieval and in-domain FID against training steps.
+
+Each checkpoint-N's EMA weights (the UNet's averaged weights, what the run would export at step N) are copied
+into the run's final pipeline, which gives the VAE, text encoder and scheduler, and the whole is evaluated as
+``latentdiff eval PIPELINE --dataset DATASET --num_images N`` evaluates it; the final pipeline last. One JSON
+line per step is appended to OUT. ``--save_pipelines`` also writes each checkpoint's pipeline to
+checkpoint-N/pipeline, as train_ldm's --save_pipeline_at_checkpoints would have.
+
+    python benchmarks/emoji_curve.py out/curve.jsonl out/demo/ldm --dataset emoji --num_images 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from latentdiff import LatentDiffPipeline
+from latentdiff.evaluation import evaluate
+
+EMA_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first object registered for checkpointing
+
+
+def load_ema_into(unet: torch.nn.Module, checkpoint: Path) -> None:
+    """Copy the EMA's shadow weights of ``checkpoint`` (our own file, read as tensors only) into ``unet``."""
+    state = torch.load(checkpoint / EMA_FILE, map_location="cpu", weights_only=True)
+    shadow = state["shadow_params"]
+    params = list(unet.parameters())
+    if len(shadow) != len(params):
+        raise ValueError(f"{checkpoint}: the EMA holds {len(shadow)} tensors, the UNet has {len(params)} parameters "
+                         "(was the run trained with --use_ema on the UNet alone?)")
+    with torch.no_grad():
+        for param, average in zip(params, shadow, strict=True):
+            param.copy_(average)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="JSON lines file to append to")
+    parser.add_argument("run", help="a train_ldm output folder (checkpoints/ and pipeline/)")
+    parser.add_argument("--dataset", default="emoji")
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--every", type=int, default=1, help="evaluate every n-th checkpoint (and the final pipeline)")
+    parser.add_argument("--save_pipelines", action="store_true", help="write each checkpoint's pipeline into it")
+    args = parser.parse_args()
+    run = Path(args.run)
+    checkpoints = sorted(run.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for checkpoint in [*checkpoints[args.every - 1::args.every], None]:
+        pipe = LatentDiffPipeline.from_pretrained(run / "pipeline")
+        pipe.set_progress_bar_config(disable=True)
+        if checkpoint is not None:
+            load_ema_into(pipe.unet, checkpoint)
+            if args.save_pipelines:
+                pipe.save_pretrained(checkpoint / "pipeline")
+        results = evaluate(pipe, args.dataset, num_images=args.num_images)
+        step = json.loads((checkpoint / "latentdiff_state.json").read_text())["global_step"] if checkpoint else "final"
+        row = {"run": str(run), "step": step, "fid": round(results["fid"]["value"], 3),
+               **{f"{k}_{split}": round(r[k], 3) for split, r in results["retrieval"].items() for k in ("top1", "top5")}}
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
