@@ -3,8 +3,8 @@ the curve of caption retrieval and in-domain FID against training steps.
 
 Each checkpoint-N's EMA weights (the UNet's averaged weights, what the run would export at step N) are copied
 into the run's final pipeline, which gives the VAE, text encoder and scheduler, and the whole is evaluated as
-``latentdiff eval PIPELINE --dataset DATASET --num_images N`` evaluates it; the final pipeline last. One JSON
-line per step is appended to OUT. ``--save_pipelines`` also writes each checkpoint's pipeline to
+``latentdiff eval PIPELINE --dataset DATASET --num_images N`` evaluates it. The last step is always
+checkpointed, so the last row is the final pipeline's. One JSON line per step is appended to OUT. ``--save_pipelines`` also writes each checkpoint's pipeline to
 checkpoint-N/pipeline, as train_ldm's --save_pipeline_at_checkpoints would have.
 
     python benchmarks/emoji_curve.py out/curve.jsonl out/demo/ldm --dataset emoji --num_images 64
@@ -43,20 +43,20 @@ def main() -> None:
     parser.add_argument("run", help="a train_ldm output folder (checkpoints/ and pipeline/)")
     parser.add_argument("--dataset", default="emoji")
     parser.add_argument("--num_images", type=int, default=64)
-    parser.add_argument("--every", type=int, default=1, help="evaluate every n-th checkpoint (and the final pipeline)")
+    parser.add_argument("--every", type=int, default=1, help="evaluate every n-th checkpoint (and the last)")
     parser.add_argument("--save_pipelines", action="store_true", help="write each checkpoint's pipeline into it")
     args = parser.parse_args()
     run = Path(args.run)
     checkpoints = sorted(run.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for checkpoint in [*checkpoints[args.every - 1::args.every], None]:
+    chosen = checkpoints[args.every - 1::args.every]
+    for checkpoint in chosen + [c for c in checkpoints[-1:] if c not in chosen]:
         pipe = LatentDiffPipeline.from_pretrained(run / "pipeline")
         pipe.set_progress_bar_config(disable=True)
-        if checkpoint is not None:
-            load_ema_into(pipe.unet, checkpoint)
-            if args.save_pipelines:
-                pipe.save_pretrained(checkpoint / "pipeline")
+        load_ema_into(pipe.unet, checkpoint)
+        if args.save_pipelines:
+            pipe.save_pretrained(checkpoint / "pipeline")
         results = evaluate(pipe, args.dataset, num_images=args.num_images)
-        step = json.loads((checkpoint / "latentdiff_state.json").read_text())["global_step"] if checkpoint else "final"
+        step = json.loads((checkpoint / "latentdiff_state.json").read_text())["global_step"]
         row = {"run": str(run), "step": step, "fid": round(results["fid"]["value"], 3),
                **{f"{k}_{split}": round(r[k], 3) for split, r in results["retrieval"].items() for k in ("top1", "top5")}}
         with open(args.out, "a") as f:
