@@ -4,8 +4,9 @@ the curve of caption retrieval and in-domain FID against training steps.
 Each checkpoint-N's EMA weights (the UNet's averaged weights, what the run would export at step N) are copied
 into the run's final pipeline, which gives the VAE, text encoder and scheduler, and the whole is evaluated as
 ``latentdiff eval PIPELINE --dataset DATASET --num_images N`` evaluates it. The last step is always
-checkpointed, so the last row is the final pipeline's. One JSON line per step is appended to OUT. ``--save_pipelines`` also writes each checkpoint's pipeline to
-checkpoint-N/pipeline, as train_ldm's --save_pipeline_at_checkpoints would have.
+checkpointed, so the last row is the final pipeline's. One JSON line per step is appended to OUT.
+``--save_pipelines`` also writes each checkpoint's pipeline to checkpoint-N/pipeline, as train_ldm's
+--save_pipeline_at_checkpoints would have.
 
     python benchmarks/emoji_curve.py out/curve.jsonl out/demo/ldm --dataset emoji --num_images 64
 """
@@ -20,6 +21,7 @@ import torch
 
 from latentdiff import LatentDiffPipeline
 from latentdiff.evaluation import evaluate
+from latentdiff.training.checkpointing import checkpoint_state, list_checkpoints
 
 EMA_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first object registered for checkpointing
 
@@ -47,16 +49,16 @@ def main() -> None:
     parser.add_argument("--save_pipelines", action="store_true", help="write each checkpoint's pipeline into it")
     args = parser.parse_args()
     run = Path(args.run)
-    checkpoints = sorted(run.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = list_checkpoints(run)
     chosen = checkpoints[args.every - 1::args.every]
+    pipe = LatentDiffPipeline.from_pretrained(run / "pipeline")  # each checkpoint's EMA replaces all UNet weights
+    pipe.set_progress_bar_config(disable=True)
     for checkpoint in chosen + [c for c in checkpoints[-1:] if c not in chosen]:
-        pipe = LatentDiffPipeline.from_pretrained(run / "pipeline")
-        pipe.set_progress_bar_config(disable=True)
         load_ema_into(pipe.unet, checkpoint)
         if args.save_pipelines:
             pipe.save_pretrained(checkpoint / "pipeline")
         results = evaluate(pipe, args.dataset, num_images=args.num_images)
-        step = json.loads((checkpoint / "latentdiff_state.json").read_text())["global_step"]
+        step = checkpoint_state(checkpoint)["global_step"]
         row = {"run": str(run), "step": step, "fid": round(results["fid"]["value"], 3),
                **{f"{k}_{split}": round(r[k], 3) for split, r in results["retrieval"].items() for k in ("top1", "top5")}}
         with open(args.out, "a") as f:

@@ -50,6 +50,11 @@ def positive_float(text: str) -> float:
     return value
 
 
+def demo_steps_help(stage: int) -> str:
+    """The demo's default step count of ``stage`` (0: VAE, 1: text-to-image) on each dataset: "1500 (shapes), ..."."""
+    return ", ".join(f"{steps[stage]} ({dataset})" for dataset, steps in DEMO_STEPS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentdiff", description="Latent diffusion: train, sample, inspect.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -60,11 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resolution", type=positive_int, default=None, help=f"default: {DEMO_RESOLUTION}")
     demo.add_argument("--preset", default=None, help="model size preset for both models (default: small)")
     demo.add_argument("--vae_steps", type=positive_int, default=None,
-                      help="VAE optimizer steps (default: " + ", ".join(f"{v} ({d})" for d, (v, _) in DEMO_STEPS.items())
-                           + "; with --minutes, a cap)")
+                      help=f"VAE optimizer steps (default: {demo_steps_help(0)}; with --minutes, a cap)")
     demo.add_argument("--max_train_steps", type=positive_int, default=None,
-                      help="text-to-image optimizer steps (default: " + ", ".join(f"{s} ({d})" for d, (_, s) in DEMO_STEPS.items())
-                           + "; with --minutes, a cap)")
+                      help=f"text-to-image optimizer steps (default: {demo_steps_help(1)}; with --minutes, a cap)")
     demo.add_argument("--minutes", type=positive_float, default=None,
                       help="train for this long instead of fixed step counts: three tenths on the VAE, the rest on the "
                            "text-to-image model (training time only; sampling and metrics come after)")
