@@ -7,9 +7,9 @@ import argparse
 from latentdiff.data.captions import CaptionOptions
 from latentdiff.data.files import default_cache_dir
 
-BUILTIN_DATASETS = ("shapes", "emoji")
+BUILTIN_DATASETS = ("shapes", "emoji", "emojione", "emoji+emojione")
 # resolution when --resolution is not given: the built-ins' native sizes, diffusers' 512 otherwise
-DEFAULT_RESOLUTION = {"shapes": 32, "emoji": 64}
+DEFAULT_RESOLUTION = {"shapes": 32, "emoji": 64, "emojione": 64, "emoji+emojione": 64}
 USER_DEFAULT_RESOLUTION = 512
 
 
@@ -18,7 +18,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name", type=str, default=None,
-        help="a built-in dataset (shapes, emoji), a local folder or parquet/arrow file, or a name "
+        help="a built-in dataset (shapes; emoji, emojione or emoji+emojione: Noto's, EmojiOne's or both "
+             "styles of emoji), a local folder or parquet/arrow file, or a name "
              "datasets.load_dataset accepts (needs network unless already cached). A local folder "
              "named like a built-in must be given as a path: ./shapes",
     )
@@ -82,7 +83,7 @@ def add_image_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--resolution", type=int, default=None,
         help=f"side of the square training images (default: shapes {DEFAULT_RESOLUTION['shapes']}, "
-             f"emoji {DEFAULT_RESOLUTION['emoji']}, a pretrained pipeline's own size, else {USER_DEFAULT_RESOLUTION})",
+             f"emoji and emojione {DEFAULT_RESOLUTION['emoji']}, a pretrained pipeline's own size, else {USER_DEFAULT_RESOLUTION})",
     )
     group.add_argument("--random_crop", action="store_true",
                        help="crop the square at a random place (default: the center square)")

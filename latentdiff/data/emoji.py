@@ -1,4 +1,5 @@
-"""emoji: the Noto Color Emoji glyphs on white, captioned with their English names.
+"""emoji: the Noto Color Emoji glyphs on white, captioned with their English names; emojione: the same
+emoji drawn by EmojiOne, a second style; emoji+emojione: both.
 
 Images come from the installed font (Debian: ``apt-get install fonts-noto-color-emoji``;
 elsewhere set ``LATENTDIFF_EMOJI_FONT`` to a NotoColorEmoji.ttf). Captions are the ``emoji``
@@ -14,10 +15,21 @@ Rendered once per resolution into ``<cache dir>/emoji/`` as one safetensors file
 images + captions in its metadata), written to a temporary name and renamed, so a concurrent
 process never reads half a file. Held out (the validation split): every 20th emoji sorted by
 its first caption.
+
+EmojiOne (``emojione``) comes from Debian's ``ruby-gemojione`` (``apt-get install ruby-gemojione``;
+elsewhere set ``LATENTDIFF_EMOJIONE_DIR`` to a folder with ``config/index.json`` and ``assets/png/``):
+1,794 PNGs of 64 px, CC-BY-SA-4.0, put on white. An image is captioned with the ``emoji`` package's
+names of its character, as Noto's (so "cat face" names both styles), then EmojiOne's own name when
+it differs. Alone, ``emojione`` holds out every 20th of its images sorted by first caption. In
+``emoji+emojione`` the split follows the emoji: an EmojiOne image sharing a caption with a held-out
+Noto image is held out, one sharing a caption only with Noto's training images trains, and the
+rest (emoji Noto lacks) are split every 20th, so no held-out emoji's name is trained in
+either style and ``latentdiff eval --dataset emoji`` stays a held-out measure.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -47,6 +59,13 @@ FONT_SIZE = 109  # the only size of the font's color bitmaps (CBDT); Pillow refu
 VALIDATION_EVERY = 20
 VERSION = 1  # bump when rendering changes
 
+EMOJIONE_ENV = "LATENTDIFF_EMOJIONE_DIR"
+EMOJIONE_PATHS = ("/usr/share/rubygems-integration/all/gems/gemojione-*",)  # Debian, Ubuntu: ruby-gemojione
+EMOJIONE_HINT = "apt-get install ruby-gemojione"
+EMOJIONE_VERSION = 1  # bump when its preparation changes
+# the built-in emoji datasets and the styles each is made of, in order
+DATASET_STYLES = {"emoji": ("noto",), "emojione": ("emojione",), "emoji+emojione": ("noto", "emojione")}
+
 
 def find_font() -> Path:
     """The Noto Color Emoji font: ``$LATENTDIFF_EMOJI_FONT`` or a system location."""
@@ -58,6 +77,20 @@ def find_font() -> Path:
         f"the emoji dataset needs the Noto Color Emoji font, which is not installed (looked in "
         f"{', '.join(candidates)}). Install it with `{INSTALL_HINT}` (Debian/Ubuntu), or set "
         f"{FONT_ENV}=/path/to/NotoColorEmoji.ttf"
+    )
+
+
+def find_emojione() -> Path:
+    """EmojiOne's folder (``config/index.json``, ``assets/png/``): ``$LATENTDIFF_EMOJIONE_DIR`` or ruby-gemojione's."""
+    patterns = [os.environ[EMOJIONE_ENV]] if os.environ.get(EMOJIONE_ENV) else list(EMOJIONE_PATHS)
+    for pattern in patterns:
+        for candidate in sorted(glob.glob(pattern), reverse=True):  # the newest version first
+            if os.path.isfile(os.path.join(candidate, "config", "index.json")):
+                return Path(candidate)
+    raise FileNotFoundError(
+        f"the emojione dataset needs the EmojiOne images, which are not installed (looked for config/index.json "
+        f"in {', '.join(patterns)}). Install them with `{EMOJIONE_HINT}` (Debian/Ubuntu), or set "
+        f"{EMOJIONE_ENV}=/path/to/gemojione (a folder with config/index.json and assets/png/)"
     )
 
 
@@ -109,48 +142,120 @@ def render_emoji(resolution: int, font_path: str | os.PathLike | None = None) ->
             continue
         image = Image.new("RGB", (side, side), (255, 255, 255))
         image.paste(glyph, mask=glyph.getchannel("A"))
-        pixels = np.asarray(image.resize((resolution, resolution), Image.Resampling.LANCZOS))
-        key = pixels.tobytes()
-        if key in groups:
-            groups[key][1].extend(c for c in captions if c not in groups[key][1])
-        else:
-            groups[key] = (pixels, list(captions))
+        _add(groups, np.asarray(image.resize((resolution, resolution), Image.Resampling.LANCZOS)), captions)
+    return _sorted(groups, f"no emoji rendered from {font_path or find_font()}; is it Noto Color Emoji?")
+
+
+def _add(groups: dict, pixels: np.ndarray, captions: list[str]) -> None:
+    """One image into ``groups``: identical images become one item with all their captions."""
+    key = pixels.tobytes()
+    if key in groups:
+        groups[key][1].extend(c for c in captions if c not in groups[key][1])
+    else:
+        groups[key] = (pixels, list(captions))
+
+
+def _sorted(groups: dict, empty: str) -> tuple[np.ndarray, list[list[str]]]:
+    """The grouped images (N, R, R, 3) and their captions, sorted by first caption."""
     items = sorted(groups.values(), key=lambda item: item[1][0].lower())
     if not items:
-        raise RuntimeError(f"no emoji rendered from {font_path or find_font()}; is it Noto Color Emoji?")
-    return np.stack([pixels for pixels, _ in items]), [captions for _, captions in items]  # (N, R, R, 3)
+        raise RuntimeError(empty)
+    return np.stack([pixels for pixels, _ in items]), [captions for _, captions in items]
 
 
-def load_emoji(resolution: int, cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, list[list[str]], str]:
-    """The rendered emoji at ``resolution`` and their captions, from the disk cache or rendered and
-    cached now; the third value is the cache key (font file, emoji package and code versions)."""
-    font = find_font()
-    key = digest(VERSION, file_digest(font), emoji_names.__version__, features.check("raqm"))
-    path = Path(cache_dir or default_cache_dir()) / "emoji" / f"emoji-{key}-{resolution}px.safetensors"
+def render_emojione(resolution: int, root: str | os.PathLike | None = None) -> tuple[np.ndarray, list[list[str]]]:
+    """Every EmojiOne PNG on white at ``resolution`` px (N, R, R, 3) uint8, and its captions."""
+    root = Path(root or find_emojione())
+    names: dict[str, list[str]] = {}
+    for char, captions in _emoji_captions():  # EmojiOne often writes an emoji without its U+FE0F
+        names[char] = captions
+        names.setdefault(char.replace("\ufe0f", ""), captions)
+    groups: dict[bytes, tuple[np.ndarray, list[str]]] = {}
+    for entry in json.loads((root / "config" / "index.json").read_text(encoding="utf-8")).values():
+        char = entry["moji"]
+        captions = list(names.get(char) or names.get(char.replace("\ufe0f", ""), []))
+        own = caption_of(entry["name"])
+        if own.lower() not in (c.lower() for c in captions):
+            captions.append(own)
+        path = root / "assets" / "png" / f"{entry['unicode']}.png"
+        try:
+            with Image.open(path) as png:
+                glyph = png.convert("RGBA")
+        except (OSError, ValueError) as error:
+            raise RuntimeError(f"{path}: not a readable PNG ({error}); reinstall with `{EMOJIONE_HINT}`") from error
+        image = Image.new("RGB", glyph.size, (255, 255, 255))
+        image.paste(glyph, mask=glyph.getchannel("A"))
+        _add(groups, np.asarray(image.resize((resolution, resolution), Image.Resampling.LANCZOS)), captions)
+    return _sorted(groups, f"no EmojiOne images in {root / 'assets' / 'png'}")
+
+
+def load_emoji(resolution: int, cache_dir: str | os.PathLike | None = None,
+               style: str = "noto") -> tuple[np.ndarray, list[list[str]], str]:
+    """The emoji of ``style`` ("noto" or "emojione") at ``resolution`` and their captions, from the disk cache or
+    prepared and cached now; the third value is the cache key (source files, emoji package and code versions)."""
+    if style == "noto":
+        source = find_font()
+        key = digest(VERSION, file_digest(source), emoji_names.__version__, features.check("raqm"))
+        name, prepare = "emoji", render_emoji
+    elif style == "emojione":
+        source = find_emojione()
+        key = digest(EMOJIONE_VERSION, file_digest(source / "config" / "index.json"), emoji_names.__version__)
+        name, prepare = "emojione", render_emojione
+    else:
+        raise ValueError(f"emoji styles are 'noto' and 'emojione', not {style!r}")
+    path = Path(cache_dir or default_cache_dir()) / "emoji" / f"{name}-{key}-{resolution}px.safetensors"
     if path.exists():
         with safe_open(path, framework="np") as f:
             return f.get_tensor("images"), json.loads(f.metadata()["captions"]), key
-    logger.info("rendering the emoji dataset at %d px into %s (once)", resolution, path)
-    images, captions = render_emoji(resolution, font)
+    logger.info("preparing the %s dataset at %d px into %s (once)", name, resolution, path)
+    images, captions = prepare(resolution, source)
     with atomic_path(path) as tmp:
         save_file({"images": images}, tmp, metadata={"captions": json.dumps(captions)})
     return images, captions, key
 
 
+def every_20th(captions: list[list[str]]) -> np.ndarray:
+    """The held-out rule of one style alone: every 20th item (they are sorted by first caption)."""
+    return np.arange(len(captions)) % VALIDATION_EVERY == VALIDATION_EVERY - 1
+
+
+def held_out_with(captions: list[list[str]], first: list[list[str]], first_held_out: np.ndarray) -> np.ndarray:
+    """Which of ``captions``' items to hold out beside the first style's items: those sharing a caption with a
+    held-out one (not those sharing captions only with training ones), and every 20th of the rest."""
+    held, trained = set(), set()
+    for item, out in zip(first, first_held_out, strict=True):
+        (held if out else trained).update(c.lower() for c in item)
+    shares_held = np.array([any(c.lower() in held for c in item) for item in captions], dtype=bool)
+    shares_trained = np.array([any(c.lower() in trained for c in item) for item in captions], dtype=bool)
+    rest = np.flatnonzero(~shares_held & ~shares_trained)
+    out = shares_held.copy()
+    out[rest[every_20th([captions[i] for i in rest])]] = True
+    return out
+
+
 class EmojiDataset(CaptionedImageDataset):
-    """The emoji dataset at ``resolution`` px; ``split`` is "train" or "validation" (every 20th)."""
+    """A built-in emoji dataset (``name``: "emoji", "emojione" or "emoji+emojione") at ``resolution`` px;
+    ``split`` is "train" or "validation" (every 20th emoji, kept apart across styles: the module's doc)."""
 
     def __init__(self, resolution: int = 64, split: str = "train", cache_dir: str | os.PathLike | None = None,
-                 random_flip: bool = False):
+                 random_flip: bool = False, name: str = "emoji"):
         if split not in ("train", "validation"):
-            raise ValueError(f"emoji has the splits 'train' and 'validation', not {split!r}")
-        images, captions, key = load_emoji(resolution, cache_dir)
-        held_out = np.arange(len(captions)) % VALIDATION_EVERY == VALIDATION_EVERY - 1
+            raise ValueError(f"{name} has the splits 'train' and 'validation', not {split!r}")
+        if name not in DATASET_STYLES:
+            raise ValueError(f"the built-in emoji datasets are {', '.join(DATASET_STYLES)}, not {name!r}")
+        parts = [load_emoji(resolution, cache_dir, style) for style in DATASET_STYLES[name]]
+        images, captions, key = parts[0]
+        held_out = every_20th(captions)
+        for more_images, more_captions, more_key in parts[1:]:
+            more_held_out = held_out_with(more_captions, captions, held_out)
+            images, captions = np.concatenate([images, more_images]), captions + more_captions
+            held_out, key = np.concatenate([held_out, more_held_out]), digest(key, more_key)
         self.images = images
         self.row_captions = captions
-        super().__init__(name=f"emoji/{split}", num_rows=len(captions), resolution=resolution,
-                         fingerprint=digest("emoji", key, split),
-                         random_flip=random_flip)
+        # emoji keeps the fingerprint it always had: latent caches and feature nets are keyed by it
+        fingerprint = digest("emoji", key, split) if name == "emoji" else digest(name, key, split)
+        super().__init__(name=f"{name}/{split}", num_rows=len(captions), resolution=resolution,
+                         fingerprint=fingerprint, random_flip=random_flip)
         self._rows = np.flatnonzero(held_out if split == "validation" else ~held_out)
 
     def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Sources, chosen by ``--dataset_name`` / ``--train_data_dir``:
 
-- a built-in name: ``shapes``, ``emoji``;
+- a built-in name: ``shapes``, ``emoji``, ``emojione``, ``emoji+emojione``;
 - a local folder: a ``save_to_disk`` folder, parquet/arrow files, diffusers' imagefolder
   (images + metadata.jsonl), or images with same-named .txt captions; a parquet/arrow file;
 - WebDataset tar shards with the index ``latentdiff prepare`` writes: their folder, or a brace pattern
@@ -68,7 +68,7 @@ def build_dataset(
     name, folder = _arg(args, "dataset_name"), _arg(args, "train_data_dir")
     if not name and not folder:
         raise ValueError(
-            "no data given: pass --dataset_name (a built-in: shapes, emoji; a datasets name; or a "
+            "no data given: pass --dataset_name (a built-in: shapes, emoji, emojione, emoji+emojione; a datasets name; or a "
             "local path) or --train_data_dir (a local folder)"
         )
     resolution = resolution or resolution_of(args)
@@ -200,8 +200,9 @@ def _builtin(name: str, split: str, resolution: int, args) -> CaptionedImageData
     from latentdiff.data.emoji import EmojiDataset
 
     if _arg(args, "random_crop"):
-        raise ValueError("emoji images are square already: --random_crop has nothing to crop")
-    return EmojiDataset(resolution, split, cache_dir=_arg(args, "data_cache_dir"), random_flip=_arg(args, "random_flip", False))
+        raise ValueError(f"{name} images are square already: --random_crop has nothing to crop")
+    return EmojiDataset(resolution, split, cache_dir=_arg(args, "data_cache_dir"),
+                        random_flip=_arg(args, "random_flip", False), name=name)
 
 
 # --- local folders and files -----------------------------------------------------------------
@@ -345,7 +346,7 @@ def _load_hub(name: str, config: str | None, data_dir: str | None):
         raise ConnectionError(
             f"cannot load the dataset {name!r}: {where} and it is not in the local cache "
             f"({datasets.config.HF_DATASETS_CACHE}). Load it once where the Hub is reachable (it is then "
-            "cached), or give a local folder (--train_data_dir) or a built-in dataset (--dataset_name shapes/emoji)"
+            "cached), or give a local folder (--train_data_dir) or a built-in dataset (--dataset_name shapes, emoji, emojione or emoji+emojione)"
         ) from error
 
 
