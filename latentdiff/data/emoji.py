@@ -220,15 +220,17 @@ def every_20th(captions: list[list[str]]) -> np.ndarray:
 
 
 def held_out_with(captions: list[list[str]], first: list[list[str]], first_held_out: np.ndarray) -> np.ndarray:
-    """Which of ``captions``' items to hold out beside the first style's items: those sharing a caption with a
-    held-out one (not those sharing captions only with training ones), and every 20th of the rest."""
-    held, trained = set(), set()
+    """Which of ``captions``' items to hold out beside the first style's items: an item goes where the first style's
+    emoji of its name (first caption) went, matched by that emoji's name or else by one of its other captions; the
+    rest (emoji the first style lacks) are split every 20th."""
+    split_of = {}
     for item, out in zip(first, first_held_out, strict=True):
-        (held if out else trained).update(c.lower() for c in item)
-    shares_held = np.array([any(c.lower() in held for c in item) for item in captions], dtype=bool)
-    shares_trained = np.array([any(c.lower() in trained for c in item) for item in captions], dtype=bool)
-    rest = np.flatnonzero(~shares_held & ~shares_trained)
-    out = shares_held.copy()
+        for caption in item[1:]:
+            split_of.setdefault(caption.lower(), bool(out))
+    split_of.update((item[0].lower(), bool(out)) for item, out in zip(first, first_held_out, strict=True))
+    matched = np.array([item[0].lower() in split_of for item in captions], dtype=bool)
+    out = np.array([split_of.get(item[0].lower(), False) for item in captions], dtype=bool)
+    rest = np.flatnonzero(~matched)
     out[rest[every_20th([captions[i] for i in rest])]] = True
     return out
 
