@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model_dir")
     evaluate.add_argument("--dataset", default="shapes",
-                          help="shapes, emoji, or a folder of images with captions (metadata.jsonl or .txt files, "
+                          help="shapes, emoji, emojione, emoji+emojione, or a folder of images with captions (metadata.jsonl or .txt files, "
                                "a save_to_disk folder, parquet/arrow)")
     evaluate.add_argument("--num_images", type=positive_int, default=128,
                           help="images generated for FID/KID, from held-out captions (FID is biased at small "

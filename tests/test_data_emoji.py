@@ -75,3 +75,86 @@ def test_missing_font_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv(emoji_data.FONT_ENV, str(tmp_path / "nowhere.ttf"))
     with pytest.raises(FileNotFoundError, match="apt-get install fonts-noto-color-emoji"):
         emoji_data.EmojiDataset(32, cache_dir=tmp_path)
+
+
+try:
+    EMOJIONE = emoji_data.find_emojione()
+except FileNotFoundError:
+    EMOJIONE = None
+needs_emojione = pytest.mark.skipif(
+    EMOJIONE is None, reason="the EmojiOne images are not installed: apt-get install -y ruby-gemojione"
+)
+
+
+def test_second_style_takes_the_split_of_the_first_styles_emoji_of_its_name():
+    first = [["cat", "cat2"], ["cat face", "cat"], ["dog"], ["rocket"], ["sparkles", "shiny"]]
+    first_held_out = np.array([True, False, False, True, True])
+    more = [["cat face", "cat"], ["cat"], ["rocket", "dog"], ["dog", "rocket"], ["shiny"],
+            *[[f"new {i:02d}"] for i in range(40)]]
+    held = emoji_data.held_out_with(more, first, first_held_out)
+    # by name; a name that is another emoji's alias ("cat") goes with the emoji it names; else by alias ("shiny")
+    assert held[:5].tolist() == [False, True, True, False, True]
+    assert held[5:].tolist() == emoji_data.every_20th(more[5:]).tolist() and held[5:].sum() == 2
+
+
+@needs_emojione
+def test_emojione_images_on_white_named_like_noto(cache_dir):
+    train = emoji_data.EmojiDataset(32, "train", cache_dir=cache_dir, name="emojione")
+    validation = emoji_data.EmojiDataset(32, "validation", cache_dir=cache_dir, name="emojione")
+    assert len(train) + len(validation) >= 1700
+    assert len(validation) == (len(train) + len(validation)) // emoji_data.VALIDATION_EVERY
+    assert train.images.shape[1:] == (32, 32, 3) and train.images.dtype == np.uint8
+    corners = train.images[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners > 240).all(axis=-1).mean() > 0.8  # transparency became white (EmojiOne fills more of its square)
+    firsts = {captions[0]: captions for captions in train.row_captions}
+    assert {"cat face", "red apple", "rocket"} <= firsts.keys()  # the emoji package's names, as Noto's
+    assert "hundred points symbol" in firsts["hundred points"]  # then EmojiOne's own name where it differs
+    assert train.name == "emojione/train" and train.fingerprint != validation.fingerprint
+
+
+@needs_font
+@needs_emojione
+def test_emoji_and_emojione_together_keep_noto_held_out_emoji_unseen(cache_dir):
+    noto = {split: emoji_data.EmojiDataset(32, split, cache_dir=cache_dir) for split in ("train", "validation")}
+    both = {split: emoji_data.EmojiDataset(32, split, cache_dir=cache_dir, name="emoji+emojione")
+            for split in ("train", "validation")}
+    one = emoji_data.EmojiDataset(32, "train", cache_dir=cache_dir, name="emojione")
+    assert len(both["train"]) > len(noto["train"]) + 1500
+    assert len(both["train"]) + len(both["validation"]) == len(noto["train"]) + len(noto["validation"]) + len(one) + len(
+        emoji_data.EmojiDataset(32, "validation", cache_dir=cache_dir, name="emojione"))
+
+    def names(dataset):
+        return {c.lower() for i in range(len(dataset)) for c in dataset.captions(i)}
+
+    noto_held_out = names(noto["validation"]) - names(noto["train"])
+    assert noto_held_out and not noto_held_out & names(both["train"])
+    first = {split: [d.captions(i)[0] for i in range(len(d))] for split, d in both.items()}
+    assert first["validation"].count(noto["validation"].captions(0)[0]) == 2  # a held-out emoji, in both styles
+    assert first["train"].count("cat face") == 2
+    assert both["train"].name == "emoji+emojione/train"
+    assert noto["train"].fingerprint == emoji_data.EmojiDataset(32, "train", cache_dir=cache_dir, name="emoji").fingerprint
+
+
+@needs_emojione
+def test_emojione_by_name_through_the_data_flags(cache_dir):
+    import argparse
+
+    from latentdiff.data.args import resolution_of
+
+    args = argparse.Namespace(dataset_name="emojione", resolution=None, data_cache_dir=str(cache_dir))
+    assert resolution_of(args) == 64
+    dataset = build_dataset(argparse.Namespace(**{**vars(args), "resolution": 32}), "validation")
+    assert dataset.name == "emojione/validation" and dataset[0]["pixel_values"].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="emojione images are square already"):
+        build_dataset(argparse.Namespace(**{**vars(args), "resolution": 32, "random_crop": True}))
+
+
+def test_missing_emojione_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv(emoji_data.EMOJIONE_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="apt-get install ruby-gemojione"):
+        emoji_data.EmojiDataset(32, cache_dir=tmp_path, name="emojione")
+
+
+def test_unknown_emoji_dataset_lists_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="emoji, emojione, emoji\\+emojione, not 'emojitwo'"):
+        emoji_data.EmojiDataset(32, cache_dir=tmp_path, name="emojitwo")
