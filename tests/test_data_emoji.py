@@ -1,7 +1,7 @@
-"""The emoji dataset, rendered from the Noto Color Emoji font.
+"""The emoji datasets: Noto Color Emoji rendered from the font, EmojiOne's PNGs, and both.
 
-CI must install the font (and RAQM layout for multi-codepoint emoji):
-    apt-get install -y fonts-noto-color-emoji libraqm0
+CI must install the font (and RAQM layout for multi-codepoint emoji) and EmojiOne:
+    apt-get install -y fonts-noto-color-emoji libraqm0 ruby-gemojione
 """
 
 import os
@@ -13,10 +13,16 @@ from PIL import features
 from latentdiff.data import build_dataset
 from latentdiff.data import emoji as emoji_data
 
-try:
-    FONT = emoji_data.find_font()
-except FileNotFoundError:
-    FONT = None
+
+def installed(find):
+    """What ``find`` finds, or None where it is not installed."""
+    try:
+        return find()
+    except FileNotFoundError:
+        return None
+
+
+FONT = installed(emoji_data.find_font)
 needs_font = pytest.mark.skipif(
     FONT is None, reason="the Noto Color Emoji font is not installed: apt-get install -y fonts-noto-color-emoji libraqm0"
 )
@@ -77,10 +83,7 @@ def test_missing_font_says_what_to_install(monkeypatch, tmp_path):
         emoji_data.EmojiDataset(32, cache_dir=tmp_path)
 
 
-try:
-    EMOJIONE = emoji_data.find_emojione()
-except FileNotFoundError:
-    EMOJIONE = None
+EMOJIONE = installed(emoji_data.find_emojione)
 needs_emojione = pytest.mark.skipif(
     EMOJIONE is None, reason="the EmojiOne images are not installed: apt-get install -y ruby-gemojione"
 )
