@@ -21,10 +21,10 @@ elsewhere set ``LATENTDIFF_EMOJIONE_DIR`` to a folder with ``config/index.json``
 1,794 PNGs of 64 px, CC-BY-SA-4.0, put on white. An image is captioned with the ``emoji`` package's
 names of its character, as Noto's (so "cat face" names both styles), then EmojiOne's own name when
 it differs. Alone, ``emojione`` holds out every 20th of its images sorted by first caption. In
-``emoji+emojione`` the split follows the emoji: an EmojiOne image sharing a caption with a held-out
-Noto image is held out, one sharing a caption only with Noto's training images trains, and the
-rest (emoji Noto lacks) are split every 20th, so no held-out emoji's name is trained in
-either style and ``latentdiff eval --dataset emoji`` stays a held-out measure.
+``emoji+emojione`` the split follows the emoji: an EmojiOne image goes to the split of the Noto
+emoji of its name (matched by Noto's names first, then by their aliases), and the rest (emoji Noto
+lacks) are split every 20th, so a held-out emoji is trained in neither style and
+``latentdiff eval --dataset emoji`` stays a held-out measure.
 """
 
 from __future__ import annotations
@@ -254,10 +254,9 @@ class EmojiDataset(CaptionedImageDataset):
             held_out, key = np.concatenate([held_out, more_held_out]), digest(key, more_key)
         self.images = images
         self.row_captions = captions
-        # emoji keeps the fingerprint it always had: latent caches and feature nets are keyed by it
-        fingerprint = digest("emoji", key, split) if name == "emoji" else digest(name, key, split)
+        # for emoji the fingerprint it always had: latent caches and feature nets are keyed by it
         super().__init__(name=f"{name}/{split}", num_rows=len(captions), resolution=resolution,
-                         fingerprint=fingerprint, random_flip=random_flip)
+                         fingerprint=digest(name, key, split), random_flip=random_flip)
         self._rows = np.flatnonzero(held_out if split == "validation" else ~held_out)
 
     def _row_image(self, row: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
