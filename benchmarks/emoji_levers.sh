@@ -3,7 +3,8 @@
 # "name|flags" argument, in parallel at OMP_NUM_THREADS=1 each, with the demo's emoji recipe (32 px, batch 64,
 # 2e-3, frozen MiniLM, cached latents, EMA) on the VAE in VAE=DIR (a demo's vae/ folder), and min-SNR 5
 # unless the flags start with --no_snr_gamma; then benchmarks/emoji_curve.py scores every checkpoint of each
-# run into $OUT/levers.jsonl. The demo's own curve is the baseline (the same VAE, seed and recipe):
+# run into $OUT/levers.jsonl. SEED (default 0) is the demo's --seed whose VAE is given. The demo's own curve is
+# the baseline (the same VAE, seed and recipe):
 #
 #   VAE=out/emoji32_confirm/vae OUT=out/levers bash benchmarks/emoji_levers.sh 500 \
 #     "vpred_ztsnr|--prediction_type v_prediction --rescale_betas_zero_snr" \
@@ -12,7 +13,7 @@ set -u
 STEPS=$1; shift
 OUT=${OUT:-out/levers}; VAE=${VAE:?VAE=DIR, a demo vae/ folder}; mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-COMMON="--dataset_name emoji --resolution 32 --seed 0 --max_train_samples 8000 --pretrained_vae_name_or_path $VAE
+COMMON="--dataset_name emoji --resolution 32 --seed ${SEED:-0} --max_train_samples 8000 --pretrained_vae_name_or_path $VAE
   --max_train_steps $STEPS --train_batch_size 64 --learning_rate 2e-3 --lr_scheduler constant_with_warmup
   --lr_warmup_steps 50 --no-train_text_encoder --pretrained_text_encoder_name_or_path minilm --cache_latents
   --use_ema --report_to none"

@@ -314,6 +314,9 @@ BAD_INPUT = [
     (["--pretrained_model_name_or_path", "nowhere"], r"'nowhere' is not a pipeline folder"),
     (["--snr_gamma", "5", "--loss_weighting", "edm"], r"--snr_gamma and --loss_weighting edm are two loss weightings"),
     (["--token_embedding_std", "0"], r"--token_embedding_std must be > 0, got 0.0"),
+    (["--unet_block_out_channels", "64", "128", "128"], r"the tiny UNet has 2 levels, give 2 widths"),
+    (["--unet_block_out_channels", "48", "64"], r"each width must be a positive multiple of 32"),
+    (["--unet_layers_per_block", "0"], r"--unet_layers_per_block 0: give 1 or more"),
     (["--token_embedding_std", "0.5", "--pretrained_text_encoder_name_or_path", "nowhere"],
      r"--token_embedding_std initialises a new text encoder, but --pretrained_text_encoder_name_or_path brings"),
 ]  # fmt: skip
@@ -401,3 +404,20 @@ def test_held_out_loss_is_logged_at_fixed_noise(train_ldm, shared, tmp_path):
     assert [r["step"] for r in cached] == [1, 2, 3]
     with pytest.raises(ValueError, match="--validation_loss_images must be >= 0"):
         run(train_ldm, flags(shared, tmp_path / "d", "--max_train_steps", 1, "--validation_loss_images", -1))
+
+
+def test_unet_shape_flags_shape_the_new_unet(train_ldm, shared, tmp_path):
+    out = tmp_path / "run"
+    run(train_ldm, flags(shared, out, "--max_train_steps", 1, "--unet_block_out_channels", 64, 96,
+                         "--unet_layers_per_block", 2))
+    config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
+    assert config["block_out_channels"] == [64, 96] and config["layers_per_block"] == 2
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D", "DownBlock2D"]  # the rest is tiny's
+
+
+def test_unet_shape_flags_refuse_a_pretrained_pipeline(train_ldm, shared, tiny_pipeline_dir, tmp_path):
+    argv = flags(shared, tmp_path / "run", "--max_train_steps", 1)
+    i = argv.index("--unet_preset")
+    del argv[i : i + 2]
+    with pytest.raises(ValueError, match=r"--unet_layers_per_block build new models"):
+        run(train_ldm, [*argv, "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--unet_layers_per_block", 2])

@@ -150,6 +150,12 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
     m.add_argument("--unet_preset", help=f"A new UNet of this size, one of {', '.join(UNET_PRESETS)} (default small).")
     m.add_argument("--text_encoder_preset", help="A new text encoder of this size. Default: the --unet_preset name.")
     m.add_argument(
+        "--unet_block_out_channels", type=int, nargs="+", metavar="C",
+        help="A new UNet's widths, one per level, replacing the preset's (small: 64 128 128), as diffusers' "
+        "block_out_channels; each a multiple of 32 (the group norm's groups).",
+    )  # fmt: skip
+    m.add_argument("--unet_layers_per_block", type=int, help="A new UNet's layers per level, replacing the preset's (small: 1).")
+    m.add_argument(
         "--token_embedding_std", type=float,
         help="Scale a new text encoder's token embeddings to this standard deviation (CLIP's init: 0.02). A "
         "random encoder then tells prompts one word apart: its states at the word, 0.96 cosine-similar "
@@ -229,6 +235,26 @@ def add_text_to_image_args(parser: argparse.ArgumentParser, pipeline_required: b
     return parser
 
 
+def check_unet_shape_args(args: argparse.Namespace) -> None:
+    """Raise for --unet_block_out_channels/--unet_layers_per_block that the preset's UNet cannot take."""
+    channels, layers = args.unet_block_out_channels, args.unet_layers_per_block
+    if layers is not None and layers < 1:
+        raise ValueError(f"--unet_layers_per_block {layers}: give 1 or more")
+    if channels is None:
+        return
+    preset = UNET_PRESETS.get(args.unet_preset or "small")
+    if preset is None:
+        return  # the unknown preset is reported by the caller
+    levels, groups = len(preset["down_block_types"]), preset["norm_num_groups"]
+    heads = preset["attention_head_dim"]  # diffusers' name: the number of heads
+    if len(channels) != levels:
+        raise ValueError(f"--unet_block_out_channels {' '.join(map(str, channels))}: the "
+                         f"{args.unet_preset or 'small'} UNet has {levels} levels, give {levels} widths")
+    if any(c <= 0 or c % groups or c % heads for c in channels):
+        raise ValueError(f"--unet_block_out_channels {' '.join(map(str, channels))}: each width must be a positive "
+                         f"multiple of {groups} (the group norm's groups) and of {heads} (the attention heads)")
+
+
 def check_text_to_image_args(args: argparse.Namespace) -> None:
     """Raise for the flags of `add_text_to_image_args` that would fail later, naming flag, value and what is allowed."""
     check_common_args(args)
@@ -238,11 +264,12 @@ def check_text_to_image_args(args: argparse.Namespace) -> None:
     ):
         if value is not None and value not in table:
             raise ValueError(f"{flag} {value!r} is unknown; choose one of {', '.join(map(repr, table))}")
+    check_unet_shape_args(args)
     if args.pretrained_model_name_or_path:
-        if args.unet_preset or args.text_encoder_preset:
+        if args.unet_preset or args.text_encoder_preset or args.unet_block_out_channels or args.unet_layers_per_block:
             raise ValueError(
-                "--unet_preset/--text_encoder_preset build new models: leave them out with "
-                "--pretrained_model_name_or_path, which brings its own"
+                "--unet_preset/--text_encoder_preset/--unet_block_out_channels/--unet_layers_per_block build new "
+                "models: leave them out with --pretrained_model_name_or_path, which brings its own"
             )
         if not (Path(args.pretrained_model_name_or_path) / "model_index.json").is_file():
             raise FileNotFoundError(
