@@ -17,6 +17,7 @@ import torch
 from latentdiff.pipelines import LatentDiffPipeline
 from PIL import Image
 
+from latentdiff.cli import SCHEDULERS, make_scheduler
 from latentdiff.data.emoji import VALIDATION_EVERY, load_emoji
 from latentdiff.images import image_grid, save_png
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the pipeline's own")
     parser.add_argument("--with_reference", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--styles", nargs="+", choices=("noto", "emojione"), default=["noto"],
                         help="the reference columns: each name's emoji in these styles")
@@ -59,6 +61,8 @@ def main() -> None:
     seeds = 0 if pipe is None else args.seeds
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
+        if args.scheduler:
+            pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     resolution = args.resolution if pipe is None else pipe.unet.config.sample_size * pipe.vae_scale_factor
     references = [reference_images(resolution, style) for style in args.styles]
     cells = []
