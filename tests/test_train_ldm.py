@@ -317,6 +317,8 @@ BAD_INPUT = [
     (["--unet_block_out_channels", "64", "128", "128"], r"the tiny UNet has 2 levels, give 2 widths"),
     (["--unet_block_out_channels", "48", "64"], r"each width must be a positive multiple of 32"),
     (["--unet_layers_per_block", "0"], r"--unet_layers_per_block 0: give 1 or more"),
+    (["--pretrained_model_name_or_path", "nowhere", "--unet_layers_per_block", "2"],
+     r"--unet_layers_per_block build new models"),
     (["--token_embedding_std", "0.5", "--pretrained_text_encoder_name_or_path", "nowhere"],
      r"--token_embedding_std initialises a new text encoder, but --pretrained_text_encoder_name_or_path brings"),
 ]  # fmt: skip
@@ -413,11 +415,3 @@ def test_unet_shape_flags_shape_the_new_unet(train_ldm, shared, tmp_path):
     config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
     assert config["block_out_channels"] == [64, 96] and config["layers_per_block"] == 2
     assert config["down_block_types"] == ["CrossAttnDownBlock2D", "DownBlock2D"]  # the rest is tiny's
-
-
-def test_unet_shape_flags_refuse_a_pretrained_pipeline(train_ldm, shared, tiny_pipeline_dir, tmp_path):
-    argv = flags(shared, tmp_path / "run", "--max_train_steps", 1)
-    i = argv.index("--unet_preset")
-    del argv[i : i + 2]
-    with pytest.raises(ValueError, match=r"--unet_layers_per_block build new models"):
-        run(train_ldm, [*argv, "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--unet_layers_per_block", 2])

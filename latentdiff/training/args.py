@@ -242,14 +242,15 @@ def check_unet_shape_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--unet_layers_per_block {layers}: give 1 or more")
     if channels is None:
         return
-    preset = UNET_PRESETS.get(args.unet_preset or "small")
+    name = args.unet_preset or "small"
+    preset = UNET_PRESETS.get(name)
     if preset is None:
         return  # the unknown preset is reported by the caller
     levels, groups = len(preset["down_block_types"]), preset["norm_num_groups"]
     heads = preset["attention_head_dim"]  # diffusers' name: the number of heads
     if len(channels) != levels:
         raise ValueError(f"--unet_block_out_channels {' '.join(map(str, channels))}: the "
-                         f"{args.unet_preset or 'small'} UNet has {levels} levels, give {levels} widths")
+                         f"{name} UNet has {levels} levels, give {levels} widths")
     if any(c <= 0 or c % groups or c % heads for c in channels):
         raise ValueError(f"--unet_block_out_channels {' '.join(map(str, channels))}: each width must be a positive "
                          f"multiple of {groups} (the group norm's groups) and of {heads} (the attention heads)")

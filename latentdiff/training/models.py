@@ -89,13 +89,13 @@ def load_models(args) -> Models:
         # a new UNet works in the VAE's latent space, however many channels it has
         channels = vae.config.latent_channels
         # a pretrained text encoder sets the width the UNet's cross-attention reads (a preset one matches its name)
-        width = {"cross_attention_dim": text_encoder.config.hidden_size} if args.pretrained_text_encoder_name_or_path else {}
-        if getattr(args, "unet_block_out_channels", None):
-            width["block_out_channels"] = tuple(args.unet_block_out_channels)
-        if getattr(args, "unet_layers_per_block", None):
-            width["layers_per_block"] = args.unet_layers_per_block
+        shape = {"cross_attention_dim": text_encoder.config.hidden_size} if args.pretrained_text_encoder_name_or_path else {}
+        if args.unet_block_out_channels:
+            shape["block_out_channels"] = tuple(args.unet_block_out_channels)
+        if args.unet_layers_per_block:
+            shape["layers_per_block"] = args.unet_layers_per_block
         unet = unet_from_preset(args.unet_preset or "small", sample_size=resolution // vae_scale_factor(vae),
-                                in_channels=channels, out_channels=channels, **width)
+                                in_channels=channels, out_channels=channels, **shape)
     check_models(vae, text_encoder, unet, resolution)
     noise_scheduler = training_scheduler(
         schedule,
