@@ -79,6 +79,15 @@ def test_resume_is_exact(eight_steps, tmp_path):
         "none",
     )
 
+    first, resumed = json.loads((one_go / "metrics.json").read_text()), json.loads((killed / "metrics.json").read_text())
+    # the training time is the whole run's: the 4 steps before the kill (checkpoint-4's) and the 4 after
+    before = json.loads((killed / "checkpoints/checkpoint-4/latentdiff_state.json").read_text())["train_seconds"]
+    assert resumed["train_seconds"] > before > 0 and first["images_per_second"] > 0 and resumed["images_per_second"] > 0
+    rerun = run(killed, "--max_train_steps", "8", "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest",
+                "--report_to", "none")  # a finished run: trains nothing and keeps its time
+    at_end = json.loads((killed / "checkpoints/checkpoint-8/latentdiff_state.json").read_text())["train_seconds"]
+    assert rerun["train_seconds"] >= at_end > before and rerun["images_per_second"] is None
+
     for name in ("vae/diffusion_pytorch_model.safetensors", "checkpoints/checkpoint-8/model.safetensors"):
         expected, resumed = load_file(one_go / name), load_file(killed / name)
         assert all(torch.equal(expected[k], resumed[k]) for k in expected), name

@@ -155,11 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     start = time.perf_counter()
     loop = train(accelerator, args, task)
-    train_seconds = time.perf_counter() - start
+    seconds_now = time.perf_counter() - start
+    train_seconds = loop.state()["train_seconds"]  # summed over the runs this one resumed, as checkpoints keep it
 
     metrics = task.export(Path(args.output_dir) / "vae", loop.global_step)  # EMA weights, latent scale measured
     if accelerator.is_main_process:
-        images_per_second = loop.trained_now * images_per_step(args, accelerator) / max(train_seconds, 1e-9)
+        # this run's speed; a rerun of a finished run trained nothing and has none
+        images_per_second = loop.trained_now * images_per_step(args, accelerator) / seconds_now if loop.trained_now else None
         metrics.update(step=loop.global_step, resolution=args.resolution, train_seconds=train_seconds,
                        images_per_second=images_per_second, skipped_steps=loop.skipped)  # fmt: skip
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
