@@ -9,6 +9,7 @@ checkpointed, so the last row is the final pipeline's. One JSON line per step is
 --save_pipeline_at_checkpoints would have.
 
     python benchmarks/emoji_curve.py out/curve.jsonl out/demo/ldm --dataset emoji --num_images 64
+    python benchmarks/emoji_curve.py out/curve.jsonl out/demo/ldm --after 3000   # the steps a continued run added
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--every", type=int, default=1, help="evaluate every n-th checkpoint (and the last)")
     parser.add_argument("--save_pipelines", action="store_true", help="write each checkpoint's pipeline into it")
+    parser.add_argument("--after", type=int, default=0, help="only checkpoints past this step (a continued run)")
     args = parser.parse_args()
     run = Path(args.run)
-    checkpoints = list_checkpoints(run)
+    checkpoints = [c for c in list_checkpoints(run) if int(c.name.rsplit("-", 1)[1]) > args.after]  # checkpoint-N
+    if not checkpoints:
+        parser.error(f"{run} has no checkpoint past step {args.after}")
     chosen = checkpoints[args.every - 1::args.every]
     pipe = LatentDiffPipeline.from_pretrained(run / "pipeline")  # each checkpoint's EMA replaces all UNet weights
     pipe.set_progress_bar_config(disable=True)

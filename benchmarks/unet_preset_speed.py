@@ -2,9 +2,14 @@
 
 One step is forward, backward and AdamW on a batch of random latents and text states, as train_ldm.py
 trains with a frozen text encoder and cached latents (the text states of MiniLM: 77 x 384 by default).
-Prints every timed step of every preset and each preset's median against the first preset's.
+``--modes`` runs each preset in several ways: ``fp32``; ``bf16``, the forward under CPU or CUDA autocast
+to bfloat16 as train_ldm's ``--mixed_precision bf16`` runs it (fp32 weights and optimizer); ``compile``,
+the UNet through ``torch.compile`` (inductor), as ``accelerate launch --dynamo_backend inductor`` runs it;
+``compile+bf16``, both. Compilation happens in the untimed warm-up steps and its seconds are reported.
+Prints every timed step of every variant and each one's median against the first's.
 
     python benchmarks/unet_preset_speed.py --presets small small64 --latent_size 16 --out benchmarks/results/unet_preset_speed.json
+    python benchmarks/unet_preset_speed.py --presets small --latent_size 8 --modes fp32 bf16 compile compile+bf16
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ import torch
 
 from latentdiff.presets import unet_from_preset
 
+MODES = ("fp32", "bf16", "compile", "compile+bf16")
 
-def step_seconds(unet, optimizer, batch: dict) -> float:
+
+def step_seconds(unet, optimizer, batch: dict, bf16: bool = False) -> float:
     start = time.perf_counter()
-    loss = unet(batch["latents"], batch["timesteps"], batch["states"]).sample.pow(2).mean()
+    with torch.autocast(batch["latents"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        prediction = unet(batch["latents"], batch["timesteps"], batch["states"], return_dict=False)[0]
+    loss = prediction.float().pow(2).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -37,7 +46,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=77)
     parser.add_argument("--hidden_size", type=int, default=384, help="the text states' width (MiniLM: 384)")
-    parser.add_argument("--rounds", type=int, default=4, help="timed steps of each preset, taken in turn")
+    parser.add_argument("--rounds", type=int, default=4, help="timed steps of each variant, taken in turn")
+    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=MODES, help="how each preset runs")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each variant first (compiling)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -48,30 +59,43 @@ def main() -> None:
         "timesteps": torch.randint(0, 1000, (args.batch_size,), generator=generator),
         "states": torch.randn(args.batch_size, args.tokens, args.hidden_size, generator=generator),
     }
-    models = {}
+    models, warmup_seconds = {}, {}
     for name in args.presets:
-        unet = unet_from_preset(name, sample_size=args.latent_size, cross_attention_dim=args.hidden_size)
-        models[name] = (unet, torch.optim.AdamW(unet.parameters(), 1e-4))
-        step_seconds(*models[name], batch)  # warm-up, not timed
-    times = {name: [] for name in args.presets}
+        for mode in args.modes:
+            torch.manual_seed(0)
+            unet = unet_from_preset(name, sample_size=args.latent_size, cross_attention_dim=args.hidden_size)
+            optimizer = torch.optim.AdamW(unet.parameters(), 1e-4)
+            forward = torch.compile(unet) if mode.startswith("compile") else unet
+            variant = name if args.modes == ["fp32"] else f"{name} {mode}"
+            models[variant] = (forward, optimizer, unet, mode.endswith("bf16"))
+            start = time.perf_counter()
+            for _ in range(args.warmup):  # not timed; compiles where asked
+                step_seconds(forward, optimizer, batch, bf16=mode.endswith("bf16"))
+            warmup_seconds[variant] = time.perf_counter() - start
+    variants = list(models)
+    times = {variant: [] for variant in variants}
     for round_ in range(args.rounds):
-        order = args.presets if round_ % 2 == 0 else list(reversed(args.presets))
-        for name in order:
-            times[name].append(step_seconds(*models[name], batch))
-    reference = statistics.median(times[args.presets[0]])
+        for variant in variants if round_ % 2 == 0 else list(reversed(variants)):
+            forward, optimizer, _, bf16 = models[variant]
+            times[variant].append(step_seconds(forward, optimizer, batch, bf16))
+    first = variants[0]
+    reference = statistics.median(times[first])
     results = {
         "latent_size": args.latent_size, "batch_size": args.batch_size, "tokens": args.tokens,
         "hidden_size": args.hidden_size, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "warmup_steps": args.warmup,
         "presets": {
-            name: {"parameters": sum(p.numel() for p in models[name][0].parameters()), "step_seconds": times[name],
-                   "median_seconds": statistics.median(times[name]),
-                   "speed_vs_" + args.presets[0]: reference / statistics.median(times[name])}
-            for name in args.presets
+            variant: {"parameters": sum(p.numel() for p in models[variant][2].parameters()),
+                      "warmup_seconds": warmup_seconds[variant], "step_seconds": times[variant],
+                      "median_seconds": statistics.median(times[variant]),
+                      "speed_vs_" + first: reference / statistics.median(times[variant])}
+            for variant in variants
         },
     }
-    for name, row in results["presets"].items():
-        print(f"{name}: {row['parameters'] / 1e6:.2f}M parameters, steps {[round(t, 2) for t in row['step_seconds']]} s, "
-              f"median {row['median_seconds']:.2f} s, {row['speed_vs_' + args.presets[0]]:.2f}x {args.presets[0]}'s speed")
+    for variant, row in results["presets"].items():
+        print(f"{variant}: {row['parameters'] / 1e6:.2f}M parameters, warm-up {row['warmup_seconds']:.1f} s, "
+              f"steps {[round(t, 2) for t in row['step_seconds']]} s, median {row['median_seconds']:.2f} s, "
+              f"{row['speed_vs_' + first]:.2f}x {first}'s speed")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
