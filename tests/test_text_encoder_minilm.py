@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 from scripts import load_script, run_script
 from test_interop import generate, load_here, run_as_diffusers_user
+from transformers import AutoTokenizer
 
 from latentdiff import LatentDiffPipeline, vae_from_preset
 from latentdiff.presets import sd_scheduler, unet_from_preset
@@ -176,8 +177,21 @@ def test_train_ldm_trains_a_unet_against_frozen_minilm(train_ldm, tmp_path):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_tokenizer_max_length_pads_training_and_the_saved_pipeline_to_it(train_ldm, tmp_path):
+    pipeline_dir = run_script(train_ldm, ldm_flags(tmp_path, "--tokenizer_max_length", 16, "--cache_latents"))
+
+    saved = AutoTokenizer.from_pretrained(pipeline_dir / "tokenizer")  # what diffusers' pipelines load
+    assert saved.model_max_length == 16
+    cached = load_file(next((tmp_path / "cache" / "latents").glob("*/shard-*.safetensors")))
+    assert cached["text_hidden_states"].shape[1:] == (16, 384)  # training's states, padded as sampling's
+    pipe = LatentDiffPipeline.from_pretrained(pipeline_dir)
+    assert encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a small red circle"]).shape == (1, 16, 384)
+
+
 @pytest.mark.parametrize("extra, error, match", [
     (["--train_text_encoder"], ValueError, r"--train_text_encoder: a BERT text encoder \(e.g. minilm\) is used frozen"),
+    (["--tokenizer_max_length", "2"], ValueError, r"--tokenizer_max_length must be at least 3 \(start, one word, end\), got 2"),
+    (["--tokenizer_max_length", "600"], ValueError, r"--tokenizer_max_length 600: the text encoder has 512 positions"),
     (["--pretrained_text_encoder_name_or_path", "nowhere"], FileNotFoundError,
      r"--pretrained_text_encoder_name_or_path: text encoder 'nowhere' is neither a folder nor one of the names"),
 ])  # fmt: skip

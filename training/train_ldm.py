@@ -37,9 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Train an inpainting model (9-channel UNet: latents, mask, masked image latents) on random masks, as "
         "SD's inpainting models were; from a text-to-image pipeline its extra input channels start at zero.",
     )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer_max_length", type=int, metavar="N",
+        help="Pad (and truncate) every caption and prompt to N tokens, start and end tokens included, instead of "
+        "the tokenizer's length (77 for CLIP and minilm), as diffusers' DreamBooth script's flag does. The saved "
+        "pipeline's tokenizer keeps N, so sampling and diffusers pad the same; fewer tokens make the UNet's "
+        "cross-attention cheaper (README, \"Emoji on a CPU\"). At most the text encoder's positions.",
+    )  # fmt: skip
     parser.set_defaults(train_batch_size=32, learning_rate=1e-4)
     args = parser.parse_args(argv)
     check_text_to_image_args(args)
+    if args.tokenizer_max_length is not None and args.tokenizer_max_length < 3:
+        raise ValueError(f"--tokenizer_max_length must be at least 3 (start, one word, end), got {args.tokenizer_max_length}")
     if args.inpainting and args.cache_latents:
         raise ValueError("--inpainting encodes each step's masked images with the VAE: leave out --cache_latents")
     return args

@@ -78,6 +78,12 @@ def load_models(args) -> Models:
             scale_token_embeddings(text_encoder, args.token_embedding_std)
     if tokenizer is None:
         tokenizer = tokenizer_for(text_encoder)
+    if getattr(args, "tokenizer_max_length", None) is not None:  # train_ldm's; the pipeline saves it, sampling pads as training
+        positions = text_encoder.config.max_position_embeddings
+        if args.tokenizer_max_length > positions:
+            raise ValueError(f"--tokenizer_max_length {args.tokenizer_max_length}: the text encoder has {positions} "
+                             f"positions, so prompts can be at most {positions} tokens")
+        tokenizer.model_max_length = args.tokenizer_max_length
     if isinstance(text_encoder, BertModel) and getattr(args, "train_text_encoder", None):
         raise ValueError(
             "--train_text_encoder: a BERT text encoder (e.g. minilm) is used frozen, as the pretrained sentence "
