@@ -10,11 +10,13 @@ Prints every timed step of every variant and each one's median against the first
 
     python benchmarks/unet_preset_speed.py --presets small small64 --latent_size 16 --out benchmarks/results/unet_preset_speed.json
     python benchmarks/unet_preset_speed.py --presets small --latent_size 8 --modes fp32 bf16 compile compile+bf16
+    python benchmarks/unet_preset_speed.py --presets small --latent_size 8 --tokens 77 16   # train_ldm --tokenizer_max_length 16
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["small", "small64"])
     parser.add_argument("--latent_size", type=int, default=16, help="16: 64 px images through an f=4 VAE")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=77)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[77], help="text states' lengths, each a variant")
     parser.add_argument("--hidden_size", type=int, default=384, help="the text states' width (MiniLM: 384)")
     parser.add_argument("--rounds", type=int, default=4, help="timed steps of each variant, taken in turn")
     parser.add_argument("--modes", nargs="+", default=["fp32"], choices=MODES, help="how each preset runs")
@@ -54,29 +56,28 @@ def main() -> None:
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    batch = {
-        "latents": torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, generator=generator),
-        "timesteps": torch.randint(0, 1000, (args.batch_size,), generator=generator),
-        "states": torch.randn(args.batch_size, args.tokens, args.hidden_size, generator=generator),
-    }
+    latents = torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, generator=generator)
+    timesteps = torch.randint(0, 1000, (args.batch_size,), generator=generator)
+    states = torch.randn(args.batch_size, max(args.tokens), args.hidden_size, generator=generator)
+    batches = {n: {"latents": latents, "timesteps": timesteps, "states": states[:, :n].contiguous()} for n in args.tokens}
     models, warmup_seconds = {}, {}
-    for name in args.presets:
-        for mode in args.modes:
-            torch.manual_seed(0)
-            unet = unet_from_preset(name, sample_size=args.latent_size, cross_attention_dim=args.hidden_size)
-            optimizer = torch.optim.AdamW(unet.parameters(), 1e-4)
-            forward = torch.compile(unet) if mode.startswith("compile") else unet
-            variant = name if args.modes == ["fp32"] else f"{name} {mode}"
-            models[variant] = (forward, optimizer, unet, mode.endswith("bf16"))
-            start = time.perf_counter()
-            for _ in range(args.warmup):  # not timed; compiles where asked
-                step_seconds(forward, optimizer, batch, bf16=mode.endswith("bf16"))
-            warmup_seconds[variant] = time.perf_counter() - start
+    for name, mode, tokens in itertools.product(args.presets, args.modes, args.tokens):
+        torch.manual_seed(0)
+        unet = unet_from_preset(name, sample_size=args.latent_size, cross_attention_dim=args.hidden_size)
+        optimizer = torch.optim.AdamW(unet.parameters(), 1e-4)
+        forward = torch.compile(unet) if mode.startswith("compile") else unet
+        variant = " ".join([name, *([mode] if args.modes != ["fp32"] else []),
+                            *([f"{tokens} tokens"] if len(args.tokens) > 1 else [])])
+        models[variant] = (forward, optimizer, unet, mode.endswith("bf16"), batches[tokens])
+        start = time.perf_counter()
+        for _ in range(args.warmup):  # not timed; compiles where asked
+            step_seconds(forward, optimizer, batches[tokens], bf16=mode.endswith("bf16"))
+        warmup_seconds[variant] = time.perf_counter() - start
     variants = list(models)
     times = {variant: [] for variant in variants}
     for round_ in range(args.rounds):
         for variant in variants if round_ % 2 == 0 else list(reversed(variants)):
-            forward, optimizer, _, bf16 = models[variant]
+            forward, optimizer, _, bf16, batch = models[variant]
             times[variant].append(step_seconds(forward, optimizer, batch, bf16))
     first = variants[0]
     reference = statistics.median(times[first])
